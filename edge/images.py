@@ -1,0 +1,84 @@
+"""Decode any cell image into 8-bit RGB, with one clear error for every bad input."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+# A cell crop is a few hundred pixels wide; a field image a few thousand. Anything past this is
+# a decompression bomb or a mistake, and decoding it would exhaust a Raspberry Pi's memory.
+MAX_PIXELS = 50_000_000
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; the message says why in one line."""
+
+
+def is_image_path(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("._")
+
+
+def to_rgb8(img: Image.Image) -> np.ndarray:
+    """Grayscale, RGBA, palette, CMYK and 16-bit images become H×W×3 uint8 RGB."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img)
+        # 16-bit images use the full 0..65535 range; keep the top 8 bits.
+        arr = (arr.astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8) if arr.max() > 255 else arr.astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode == "F":
+        arr = np.asarray(img)
+        scale = 255.0 if arr.max() <= 1.0 else 1.0
+        return np.repeat((arr * scale).clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent background → white, as a slide's background is bright.
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    return np.asarray(img.convert("RGB"))
+
+
+def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Bytes → H×W×3 uint8 RGB, or ImageError with the reason."""
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(f"{name}: {w}x{h} pixels is too large (limit {max_pixels:,}); refusing to decode")
+            if w < 1 or h < 1:
+                raise ImageError(f"{name}: image has no pixels")
+            img.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name}: image is too large (decompression bomb guard)") from None
+    except OSError as e:
+        msg = str(e)
+        reason = "truncated or corrupt image" if "truncat" in msg.lower() else f"corrupt image ({msg})"
+        raise ImageError(f"{name}: {reason}") from None
+    except (ValueError, SyntaxError, EOFError) as e:
+        raise ImageError(f"{name}: corrupt image ({e})") from None
+    return to_rgb8(img)
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read a file from disk into H×W×3 uint8 RGB."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory") from None
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    return decode_image(data, str(path), max_pixels)

@@ -1,0 +1,1 @@
+"""malaria-edge training side: data ingestion, splits, Keras recipes, evaluation (needs TensorFlow)."""
