@@ -107,5 +107,145 @@ def data_download(dest, out, size, seed):
     _print_prepare_report(prepare(zip_path, out, size=size, seed=seed), out)
 
 
+@main.command("train")
+@click.option("--recipe", type=click.Choice(["cnn", "mobilenetv2-frozen", "mobilenetv2-finetune"]), default="cnn",
+              show_default=True, help="Custom CNN, MobileNetV2 with a frozen base, or MobileNetV2 fine-tuned.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=Path("data/prepared"), show_default=True,
+              help="Output of `malaria-edge data prepare`.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder: model.keras, card, history, plots.")
+@click.option("--epochs", default=12, show_default=True, help="Epochs (first stage for MobileNetV2).")
+@click.option("--finetune-epochs", default=4, show_default=True, help="mobilenetv2-finetune: epochs with the top blocks unfrozen.")
+@click.option("--batch", default=32, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True, help="Learning rate (fine-tuning uses lr/10).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--weights", default="none", show_default=True,
+              help="MobileNetV2 start: imagenet (downloads), none (from scratch) or PATH to a .weights.h5 of the base.")
+@click.option("--alpha", default=1.0, show_default=True, help="MobileNetV2 width multiplier.")
+@click.option("--patience", default=4, show_default=True, help="Early-stopping patience (epochs) on validation loss.")
+@click.option("--mixed-precision", is_flag=True, help="float16 compute (GPU).")
+@click.option("--max-train", type=int, default=None, help="Use at most this many training images (quick runs).")
+@click.option("--target-sensitivity", type=float, default=None,
+              help="Set the card's threshold to reach this sensitivity on validation (default: 0.5).")
+@_fail_cleanly
+def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, weights, alpha, patience,
+              mixed_precision, max_train, target_sensitivity):
+    """Train a recipe on the patient-grouped train split, pick the best epoch on validation,
+    then report test metrics with 95% CIs and write the model card and plots."""
+    from train.data import load_prepared
+    from train.models import WeightsError
+    from train.train import TrainConfig, train
+    from train.report import finalize
+    data = load_prepared(data_dir)
+    cfg = TrainConfig(recipe=recipe, epochs=epochs, finetune_epochs=finetune_epochs, batch=batch, lr=lr, seed=seed,
+                      weights=weights, alpha=alpha, patience=patience, mixed_precision=mixed_precision,
+                      max_train=max_train, verbose=1 if sys.stdout.isatty() else 2)
+    try:
+        model, info = train(data, cfg, out)
+    except WeightsError as e:
+        raise click.ClickException(str(e)) from None
+    card = finalize(model, out, data, cfg, info, target_sensitivity)
+    t = card.metrics["test"]
+    click.echo(f"test ({t['n']} images, {t['n_groups']} patient groups): accuracy {t['accuracy']:.4f} "
+               f"{_ci(t, 'accuracy')}, AUC {t['auc']:.4f} {_ci(t, 'auc')}; model → {out / 'model.keras'}")
+
+
+def _ci(m, k):
+    return f"[{m['ci95'][k][0]:.4f}, {m['ci95'][k][1]:.4f}]" if "ci95" in m else ""
+
+
+@main.command("evaluate")
+@click.argument("model_path", type=click.Path(path_type=Path, exists=True))
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data/prepared"), show_default=True,
+              help="Prepared data with its split.")
+@click.option("--split", default="test", show_default=True, help="Which split of --data-dir.")
+@click.option("--data", "folder", type=click.Path(path_type=Path), default=None,
+              help="Instead of a split: any labelled folder (Parasitized/, Uninfected/; Kaggle layout too).")
+@click.option("--threshold", type=float, default=None, help="Default: the model card's threshold, else 0.5.")
+@click.option("--target-sensitivity", type=float, default=None,
+              help="Pick the threshold reaching this sensitivity on the validation split (needs --data-dir).")
+@click.option("--update-card", is_flag=True, help="Write the chosen threshold into the model card.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write metrics JSON here.")
+@click.option("--predictions", type=click.Path(path_type=Path), default=None, help="Write one CSV row per image here.")
+@click.option("--plots", type=click.Path(path_type=Path), default=None, help="Folder for confusion matrix and ROC PNGs.")
+@_fail_cleanly
+def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitivity, update_card, json_path,
+                 predictions, plots):
+    """Accuracy, precision, recall, specificity, F1, AUC, MCC with patient-bootstrap 95% CIs.
+
+    MODEL_PATH is a .keras file or an exported .tflite/.onnx (run through the edge runtime).
+    """
+    from edge.card import read_card, write_card
+    from edge.metrics import threshold_for_sensitivity
+    from train.evaluate import (classification_report, evaluate, from_folder, from_prepared, predict_file,
+                                save_json, write_predictions)
+    try:
+        card = read_card(model_path)
+    except CardError:
+        card = None
+    if threshold is None:
+        threshold = card.threshold if card else 0.5
+    if target_sensitivity is not None:
+        val = from_prepared(data_dir, "val")
+        threshold = threshold_for_sensitivity(val.labels, predict_file(model_path, val.images), target_sensitivity)
+        click.echo(f"threshold {threshold:.4f} reaches sensitivity {target_sensitivity} on the validation split")
+    size = card.input_size if card else 128
+    ls = from_folder(folder, size) if folder else from_prepared(data_dir, split)
+    p = predict_file(model_path, ls.images)
+    rep = evaluate(ls.labels, p, ls.groups, threshold, plots, f"{model_path.name} on {ls.name}")
+    rep["on"] = ls.name
+    click.echo(f"{model_path} on {ls.name}")
+    click.echo(classification_report(rep))
+    if json_path:
+        save_json(json_path, rep)
+    if predictions:
+        write_predictions(predictions, ls, p, threshold)
+    if update_card and card:
+        card.threshold = float(threshold)
+        write_card(model_path, card)
+        click.echo(f"threshold written to {model_path.name}'s card")
+
+
+@main.command("export")
+@click.argument("model_path", type=click.Path(path_type=Path, exists=True))
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=Path("data/prepared"), show_default=True,
+              help="Prepared data: calibration images come from its train split, parity from --parity-split.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--formats", default=",".join(("tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8",
+                                               "onnx-fp32", "onnx-int8")), show_default=True)
+@click.option("--name", default=None, help="Artifact name prefix (default: the model card's name).")
+@click.option("--calib", default=300, show_default=True, help="Calibration images (stratified, train split).")
+@click.option("--parity-split", default="test", show_default=True)
+@click.option("--max-parity", type=int, default=None, help="Cap the parity images (quick runs).")
+@click.option("--max-delta-pp", default=1.0, show_default=True, help="Gate: largest allowed accuracy drop (points).")
+@click.option("--min-agreement", default=99.0, show_default=True, help="Gate: least label agreement with float (%).")
+@click.option("--no-explainer", is_flag=True, help="Skip the Grad-CAM explainer graphs.")
+@_fail_cleanly
+def export_cmd(model_path, data_dir, out, formats, name, calib, parity_split, max_parity, max_delta_pp,
+               min_agreement, no_explainer):
+    """Export to TFLite (fp32, fp16, dynamic, int8) and ONNX (fp32, int8 QDQ) with a parity gate.
+
+    Each artifact runs through the edge runtime on the parity split and is compared with the float
+    Keras model; one that loses more than --max-delta-pp accuracy or agrees on fewer than
+    --min-agreement % of labels is reported as FAIL and the command exits 1.
+    """
+    from export.parity import Gate, markdown
+    from export.pipeline import FORMATS, ExplainerMismatch, export_data, export_model
+    fmts = [f.strip() for f in formats.split(",") if f.strip()]
+    bad = [f for f in fmts if f not in FORMATS]
+    if bad:
+        raise click.UsageError(f"unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMATS)}")
+    data = export_data(data_dir, calib, parity_split, max_parity)
+    try:
+        rows = export_model(model_path, out, data, fmts, Gate(max_delta_pp, min_agreement), name,
+                            explainer=not no_explainer, log=click.echo)
+    except ExplainerMismatch as e:
+        raise click.ClickException(str(e)) from None
+    click.echo((out / "parity.md").read_text())
+    failed = [r for r in rows if r.status != "pass"]
+    if failed:
+        raise click.ClickException(f"{len(failed)} artifact(s) failed the parity gate: "
+                                   + ", ".join(f"{r.format} ({r.reason})" for r in failed))
+
+
 if __name__ == "__main__":
     main()

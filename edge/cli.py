@@ -1,0 +1,132 @@
+"""`edge-infer`: classify cell images, a video or a live camera on a CPU device, no TensorFlow."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from edge.card import CardError
+from edge.results import FIELDS, Row, Writer, format_for, open_output, summary
+from edge.runtime import ModelError, default_model, load_classifier, load_explainer_for
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("paths", nargs=-1)
+@click.option("--model", "-m", "model_path", type=click.Path(path_type=Path), default=None,
+              help="A .tflite or .onnx artifact with its .card.json. Default: the shipped int8 model.")
+@click.option("--camera", default=None, is_flag=False, flag_value="0", metavar="[INDEX|URL]",
+              help="Live camera: an index (default 0), a device path, a URL or a GStreamer pipeline.")
+@click.option("--video", type=click.Path(path_type=Path), default=None, help="A video file, read like a camera.")
+@click.option("--gradcam", is_flag=True, help="Save a Grad-CAM overlay PNG per input into --out.")
+@click.option("--panel", is_flag=True, help="With --gradcam: original and overlay side by side.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/infer"), show_default=True,
+              help="Folder for overlays, annotated frames and the live results log.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Also write rows to this file (CSV, or JSON Lines for .jsonl, JSON for .json), flushed per batch.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "jsonl", "json"]), default="table",
+              show_default=True, help="Terminal output format.")
+@click.option("--threshold", type=float, default=None, help="P(Parasitized) cut-off. Default: the model card's.")
+@click.option("--threads", type=int, default=None, help="Inference threads (default: all cores).")
+@click.option("--batch", type=int, default=64, show_default=True, help="Images per inference batch.")
+@click.option("--interval", type=float, default=1.0, show_default=True,
+              help="Live: seconds between classified frames (0: every frame).")
+@click.option("--max-frames", type=int, default=None, help="Live: stop after classifying this many frames.")
+@click.option("--show", is_flag=True, help="Live: show a window (needs a display and a GUI OpenCV; q quits).")
+@click.option("--quiet", "-q", is_flag=True, help="No per-image rows on the terminal, only the summary.")
+def main(paths, model_path, camera, video, gradcam, panel, out, output, fmt, threshold, threads, batch, interval,
+         max_frames, show, quiet):
+    """Classify blood-cell images as Parasitized or Uninfected.
+
+    \b
+    PATHS are image files, folders (searched recursively) or globs. Every input gets a row:
+    path, label, prob_parasitized, model, status (ok/error), error. A bad file gets an error
+    row and the run goes on; the exit code is 1 when any input failed.
+
+    \b
+    Examples:
+      edge-infer examples/ --gradcam --out runs/demo
+      edge-infer cells/ -q --output results.csv
+      edge-infer --camera 0 --gradcam --interval 2
+      edge-infer --video smear.mp4 --max-frames 50
+    """
+    if sum(bool(x) for x in (paths, camera is not None, video is not None)) != 1:
+        raise click.UsageError("give image PATHS, or --camera, or --video (one of them)")
+    if batch < 1:
+        raise click.UsageError("--batch must be at least 1")
+    try:
+        model = load_classifier(model_path or default_model(), threads)
+        explainer = load_explainer_for(model, threads) if gradcam else None
+    except (ModelError, CardError) as e:
+        raise click.ClickException(str(e)) from None
+    thr = model.card.threshold if threshold is None else threshold
+    if not 0 < thr < 1:
+        raise click.UsageError("--threshold must be between 0 and 1")
+    if camera is not None or video is not None:
+        from edge.live import run_live
+        from edge.camera import Source, parse_camera
+        src = Source(str(video), is_file=True) if video is not None else parse_camera(camera)
+        sys.exit(run_live(src, model, thr, explainer, out, interval, max_frames, show, panel))
+    sys.exit(run_files(list(paths), model, thr, explainer, out, output, fmt, batch, panel, quiet))
+
+
+def run_files(paths, model, thr, explainer, out, output, fmt, batch, panel, quiet) -> int:
+    from edge.gradcam import overlay, save_png
+    from edge.infer import batches, classify, expand_paths
+    files = expand_paths(paths)
+    if not files:
+        raise click.ClickException("no image files found in " + ", ".join(paths))
+    term = Writer(sys.stdout, fmt) if not quiet else None
+    fh = open_output(output) if output else None
+    filewriter = Writer(fh, format_for(output, None)) if fh else None
+    n_ok = n_err = n_par = 0
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+    bar = tqdm(total=len(files), unit="img", disable=not quiet or len(files) < 200, file=sys.stderr)
+    try:
+        for items in batches(files, model.size, batch, keep_rgb=explainer is not None):
+            rows, heat = classify(items, model, thr, explainer)
+            for w in (term, filewriter):
+                if w:
+                    w.write(rows)
+            if explainer is not None:
+                good = [(d, r) for d, r in zip(items, rows) if r.status == "ok"]
+                for k, (d, r) in enumerate(good):
+                    save_png(out / (overlay_name(d.path)), overlay(d.rgb, heat[k], r.label, r.prob_parasitized,
+                                                                   panel=panel))
+            n_ok += sum(r.status == "ok" for r in rows)
+            n_err += sum(r.status == "error" for r in rows)
+            n_par += sum(r.label == "Parasitized" for r in rows)
+            bar.update(len(rows))
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: every finished row is saved", err=True)
+        _close(term, filewriter, fh)
+        click.echo(summary(n_ok, n_err, n_par), err=True)
+        return 130
+    bar.close()
+    _close(term, filewriter, fh)
+    dt = time.perf_counter() - t0
+    click.echo(f"{summary(n_ok, n_err, n_par)}; {(n_ok + n_err) / dt:.0f} img/s with {model.path.name}", err=True)
+    if explainer is not None:
+        click.echo(f"Grad-CAM overlays in {out}/", err=True)
+    return 1 if n_err else 0
+
+
+def overlay_name(path: Path) -> str:
+    """A unique, flat file name for an input's overlay."""
+    parts = [p for p in path.with_suffix("").parts if p not in ("/", "..", ".")]
+    return "__".join(parts[-3:]) + "_gradcam.png"
+
+
+def _close(term, filewriter, fh):
+    for w in (term, filewriter):
+        if w:
+            w.close()
+    if fh:
+        fh.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Classify many images: expand paths, decode in threads while the model runs, one row per input."""
+from __future__ import annotations
+
+import glob
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from edge.images import ImageError, is_image_path, load_image
+from edge.preprocess import resize_rgb
+from edge.results import Row
+from edge.runtime import Loaded
+
+
+def expand_paths(inputs: list[str]) -> list[Path]:
+    """Files as given, folders recursively (image files only), globs expanded; order kept."""
+    out: list[Path] = []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.is_file() and is_image_path(q))
+        elif not p.exists() and glob.has_magic(s):
+            out += sorted(Path(q) for q in glob.glob(s, recursive=True) if Path(q).is_file())
+        else:
+            out.append(p)  # a missing file becomes an error row, not a crash
+    return out
+
+
+@dataclass
+class Decoded:
+    path: Path
+    rgb: np.ndarray | None  # original image (kept only for Grad-CAM overlays)
+    x: np.ndarray | None  # model-size uint8
+    error: str = ""
+
+
+def _decode(path: Path, size: int, keep: bool) -> Decoded:
+    try:
+        rgb = load_image(path)
+    except ImageError as e:
+        return Decoded(path, None, None, str(e).removeprefix(f"{path}: "))
+    return Decoded(path, rgb if keep else None, resize_rgb(rgb, size))
+
+
+def batches(paths: list[Path], size: int, batch: int, keep_rgb: bool = False, workers: int | None = None
+            ) -> Iterator[list[Decoded]]:
+    """Decoded batches; the next batch decodes in a thread pool while the caller runs the current one."""
+    workers = workers or min(4, os.cpu_count() or 1)
+    chunks = [paths[i:i + batch] for i in range(0, len(paths), batch)]
+    with ThreadPoolExecutor(workers) as pool:
+        def submit(i):
+            return [pool.submit(_decode, p, size, keep_rgb) for p in chunks[i]] if i < len(chunks) else []
+        ahead = submit(0)
+        for i in range(len(chunks)):
+            current, ahead = ahead, submit(i + 1)
+            yield [f.result() for f in current]
+
+
+def classify(items: list[Decoded], model: Loaded, threshold: float, explainer: Loaded | None = None
+             ) -> tuple[list[Row], np.ndarray | None]:
+    """Rows for one decoded batch (errors included, in order) and heat maps for the good ones."""
+    good = [d for d in items if d.x is not None]
+    probs, heat = np.zeros(0), None
+    if good:
+        x = np.stack([d.x for d in good])
+        probs = model.predict(x)
+        if explainer is not None:
+            _, heat = explainer.explain(x)
+    name = model.path.name
+    rows, k = [], 0
+    for d in items:
+        if d.x is None:
+            rows.append(Row(str(d.path), "", None, name, "error", d.error))
+        else:
+            p = float(probs[k])
+            rows.append(Row(str(d.path), model.card.class_names[int(p >= threshold)], p, name, "ok"))
+            k += 1
+    return rows, heat

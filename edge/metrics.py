@@ -1,0 +1,111 @@
+"""Binary classification metrics with patient-grouped bootstrap CIs (NumPy only).
+
+Shared by `evaluate`, the export parity gate and the benchmarks, so they all report the same numbers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "auc", "mcc")
+
+
+def confusion(y: np.ndarray, pred: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """[[TN, FP], [FN, TP]] (rows: true Uninfected, Parasitized)."""
+    w = np.ones(len(y)) if w is None else w
+    tp = np.sum(w * ((y == 1) & (pred == 1)))
+    tn = np.sum(w * ((y == 0) & (pred == 0)))
+    fp = np.sum(w * ((y == 0) & (pred == 1)))
+    fn = np.sum(w * ((y == 1) & (pred == 0)))
+    return np.array([[tn, fp], [fn, tp]])
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> float:
+    """Area under the ROC curve (ties count half), optionally with sample weights."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, float)
+    w = np.ones(len(y)) if w is None else np.asarray(w, float)
+    uniq, inv = np.unique(p, return_inverse=True)
+    neg_w = np.bincount(inv, weights=w * (y == 0), minlength=len(uniq))
+    pos_w = np.bincount(inv, weights=w * (y == 1), minlength=len(uniq))
+    pos, neg = pos_w.sum(), neg_w.sum()
+    if pos == 0 or neg == 0:
+        return float("nan")
+    below = np.cumsum(neg_w) - neg_w
+    return float(np.sum(pos_w * (below + 0.5 * neg_w)) / (pos * neg))
+
+
+def from_confusion(cm: np.ndarray) -> dict:
+    (tn, fp), (fn, tp) = cm
+    n = tn + fp + fn + tp
+
+    def div(a, b):
+        return float(a / b) if b else float("nan")
+
+    prec, rec = div(tp, tp + fp), div(tp, tp + fn)
+    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return {
+        "accuracy": div(tp + tn, n),
+        "precision": prec,
+        "recall": rec,
+        "specificity": div(tn, tn + fp),
+        "f1": div(2 * prec * rec, prec + rec) if prec == prec and rec == rec else float("nan"),
+        "mcc": div(tp * tn - fp * fn, denom),
+    }
+
+
+def binary_metrics(y, p, threshold: float = 0.5, w=None) -> dict:
+    y, p = np.asarray(y).astype(int), np.asarray(p, float)
+    pred = (p >= threshold).astype(int)
+    cm = confusion(y, pred, w)
+    out = from_confusion(cm)
+    out["auc"] = roc_auc(y, p, w)
+    return out
+
+
+def bootstrap_ci(y, p, groups, threshold: float = 0.5, reps: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """95% CIs by resampling whole patient groups with replacement (cells of one patient are not independent)."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, float)
+    uniq, gidx = np.unique(np.asarray(groups), return_inverse=True)
+    rng = np.random.default_rng(seed)
+    samples = {k: [] for k in METRICS}
+    for _ in range(reps):
+        draw = np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq)).astype(float)
+        m = binary_metrics(y, p, threshold, w=draw[gidx])
+        for k in METRICS:
+            samples[k].append(m[k])
+    return {k: [float(np.nanpercentile(v, 100 * alpha / 2)), float(np.nanpercentile(v, 100 * (1 - alpha / 2)))]
+            for k, v in samples.items()}
+
+
+def report(y, p, groups=None, threshold: float = 0.5, reps: int = 1000) -> dict:
+    """Point metrics, confusion matrix and (with groups) grouped-bootstrap CIs, JSON-ready."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, float)
+    out = {"n": int(len(y)), "threshold": float(threshold), **binary_metrics(y, p, threshold)}
+    out["confusion_matrix"] = confusion(y, (p >= threshold).astype(int)).astype(int).tolist()
+    if groups is not None:
+        out["n_groups"] = int(len(set(groups)))
+        out["ci95"] = bootstrap_ci(y, p, groups, threshold, reps)
+    return out
+
+
+def threshold_for_sensitivity(y, p, target: float) -> float:
+    """The highest threshold whose sensitivity (recall) reaches target: screening favours sensitivity."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, float)
+    pos = np.sort(p[y == 1])[::-1]
+    if len(pos) == 0:
+        raise ValueError("no positive samples to set a sensitivity operating point")
+    k = int(np.ceil(target * len(pos))) - 1
+    return float(pos[min(max(k, 0), len(pos) - 1)])
+
+
+def parity(y, p_ref, p_new, threshold: float = 0.5) -> dict:
+    """How an artifact's predictions compare with the float reference on the same images."""
+    y, p_ref, p_new = (np.asarray(a, float) for a in (y, p_ref, p_new))
+    ref, new = binary_metrics(y, p_ref, threshold), binary_metrics(y, p_new, threshold)
+    d = np.abs(p_new - p_ref)
+    return {
+        "accuracy": new["accuracy"], "f1": new["f1"], "auc": new["auc"],
+        "ref_accuracy": ref["accuracy"],
+        "delta_accuracy_pp": 100 * (new["accuracy"] - ref["accuracy"]),
+        "agreement_pct": 100 * float(np.mean((p_new >= threshold) == (p_ref >= threshold))),
+        "mean_abs_dprob": float(d.mean()), "max_abs_dprob": float(d.max()),
+    }

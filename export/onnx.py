@@ -1,0 +1,57 @@
+"""Keras → ONNX: fp32 through tf2onnx, int8 through onnxruntime static QDQ quantization."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+OPSET = 17  # tf2onnx 1.17 refuses opset 19+
+
+
+def convert(fn, out: Path, size: int) -> Path:
+    """Convert a tf.function (see export.graph) to an fp32 ONNX file."""
+    import tensorflow as tf
+    import tf2onnx
+    spec = (tf.TensorSpec([None, size, size, 3], tf.float32, name="image"),)
+    tf2onnx.convert.from_function(fn, input_signature=spec, opset=OPSET, output_path=str(out))
+    return out
+
+
+class _Reader:
+    def __init__(self, name: str, images: np.ndarray, batch: int = 16):
+        self.batches = iter([{name: images[i:i + batch].astype(np.float32)} for i in range(0, len(images), batch)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
+    """Static int8 (QDQ, per-channel weights, uint8 activations) calibrated on the given images."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    name = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    with tempfile.TemporaryDirectory() as tmp:
+        prep = Path(tmp) / "prep.onnx"
+        quant_pre_process(str(fp32), str(prep), skip_symbolic_shape=False)
+        quantize_static(str(prep), str(out), _Reader(name, calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    return out
+
+
+def set_metadata(path: Path, props: dict[str, str]) -> None:
+    """Carry the card's key facts inside the file (ONNX metadata_props)."""
+    import onnx
+    m = onnx.load(str(path))
+    del m.metadata_props[:]
+    for k, v in props.items():
+        e = m.metadata_props.add()
+        e.key, e.value = k, str(v)
+    onnx.save(m, str(path))
+
+
+def get_metadata(path: Path) -> dict[str, str]:
+    import onnx
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}

@@ -1,0 +1,83 @@
+"""The accuracy parity gate: each artifact, run through the edge runtime, against the float Keras model."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge import metrics as M
+from edge.card import atomic_write_text
+from edge.runtime import ModelError, load
+
+
+@dataclass
+class Gate:
+    max_delta_pp: float = 1.0  # fail when accuracy drops by more than this many points
+    min_agreement_pct: float = 99.0  # fail when fewer labels agree with the float model
+
+
+@dataclass
+class Row:
+    format: str
+    file: str
+    status: str  # pass | FAIL | error
+    size_mb: float
+    reason: str = ""
+    ms_per_img: float = float("nan")
+    metrics: dict = field(default_factory=dict)
+
+
+def run_artifact(path: Path, images: np.ndarray, batch: int = 64, threads: int | None = None) -> tuple[np.ndarray, float]:
+    """P(Parasitized) for every image through the edge runtime, and the ms per image it took."""
+    m = load(path, threads)
+    m.predict(images[:1])  # warm-up
+    t0 = time.perf_counter()
+    p = np.concatenate([m.predict(images[i:i + batch]) for i in range(0, len(images), batch)])
+    return p, 1000 * (time.perf_counter() - t0) / len(images)
+
+
+def check(label: str, path: Path, y: np.ndarray, p_ref: np.ndarray, images: np.ndarray, gate: Gate,
+          threshold: float = 0.5) -> Row:
+    size = path.stat().st_size / 1e6 if path.exists() else 0.0
+    try:
+        p, ms = run_artifact(path, images)
+    except ModelError as e:
+        return Row(label, path.name, "error", size, str(e))
+    if not np.all(np.isfinite(p)):
+        return Row(label, path.name, "FAIL", size, "non-finite outputs", ms)
+    m = M.parity(y, p_ref, p, threshold)
+    reasons = []
+    if m["delta_accuracy_pp"] < -gate.max_delta_pp:
+        reasons.append(f"accuracy dropped {-m['delta_accuracy_pp']:.2f} pp > {gate.max_delta_pp}")
+    if m["agreement_pct"] < gate.min_agreement_pct:
+        reasons.append(f"agreement {m['agreement_pct']:.2f}% < {gate.min_agreement_pct}%")
+    return Row(label, path.name, "FAIL" if reasons else "pass", size, "; ".join(reasons), ms, m)
+
+
+def markdown(rows: list[Row], title: str, ref: dict) -> str:
+    lines = [f"### {title}", "",
+             f"Float Keras reference: accuracy {ref['accuracy']:.4f}, AUC {ref['auc']:.4f} on {ref['n']} images.", "",
+             "| Format | Status | Size MB | Accuracy | AUC | Δacc pp | Agreement % | max \\|Δp\\| | ms/img |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        m = r.metrics
+        if m:
+            lines.append(f"| {r.format} | {r.status} | {r.size_mb:.2f} | {m['accuracy']:.4f} | {m['auc']:.4f} | "
+                         f"{m['delta_accuracy_pp']:+.2f} | {m['agreement_pct']:.2f} | {m['max_abs_dprob']:.4f} | {r.ms_per_img:.3f} |")
+        else:
+            lines.append(f"| {r.format} | {r.status} | {r.size_mb:.2f} | – | – | – | – | – | – |")
+    bad = [r for r in rows if r.status != "pass"]
+    if bad:
+        lines += [""] + [f"- **{r.format}** {r.status}: {r.reason}" for r in bad]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: Path, rows: list[Row], title: str, ref: dict, gate: Gate, extra: dict | None = None) -> None:
+    atomic_write_text(out_dir / "parity.md", markdown(rows, title, ref) + "".join(
+        f"\n{k}: {v}\n" for k, v in (extra or {}).items() if isinstance(v, str)))
+    atomic_write_text(out_dir / "parity.json", json.dumps(
+        {"title": title, "reference": ref, "gate": asdict(gate), "rows": [asdict(r) for r in rows], **(extra or {})},
+        indent=2, default=float) + "\n")

@@ -1,0 +1,177 @@
+"""`malaria-edge export`: every format, its model card, the Grad-CAM explainers and the parity report."""
+from __future__ import annotations
+
+import dataclasses
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge import metrics as M
+from edge.card import ModelCard, atomic_write_bytes, read_card, sha256_file, write_card
+from edge.runtime import load
+from export import parity as P
+
+FORMATS = ("tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8", "onnx-fp32", "onnx-int8")
+EXPLAINER_TOL = 1e-4
+
+
+@dataclass
+class ExportData:
+    calibration: np.ndarray  # uint8 images from the train split
+    images: np.ndarray  # uint8 images of the parity split
+    labels: np.ndarray
+    title: str
+
+
+def stratified(labels: np.ndarray, idx: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """n indices from idx, half per class (as far as each class allows), seeded."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in (0, 1):
+        pool = idx[labels[idx] == c]
+        out.append(rng.choice(pool, min(len(pool), n // 2), replace=False))
+    return np.sort(np.concatenate(out))
+
+
+def export_data(data_dir: Path, calib_n: int = 300, parity_split: str = "test", max_parity: int | None = None,
+                seed: int = 0) -> ExportData:
+    from train.data import load_prepared
+    d = load_prepared(data_dir)
+    cal = stratified(d.labels, d.indices("train"), calib_n, seed)
+    par = d.indices(parity_split)
+    if max_parity and len(par) > max_parity:
+        par = stratified(d.labels, par, max_parity, seed)
+    return ExportData(np.asarray(d.images[cal]), np.asarray(d.images[par]), d.labels[par],
+                      f"{parity_split} split ({len(par)} images, split hash {d.split_info['hash']})")
+
+
+def tool_versions() -> dict:
+    import onnx
+    import onnxruntime
+    import tensorflow as tf
+    import tf2onnx
+    import keras
+    try:
+        from importlib.metadata import version
+        litert = version("ai-edge-litert")
+    except Exception:
+        litert = "n/a"
+    return {"tensorflow": tf.__version__, "keras": keras.__version__, "tf2onnx": tf2onnx.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "ai-edge-litert": litert,
+            "python": platform.python_version()}
+
+
+def export_model(keras_path: Path, out: Path, data: ExportData, formats=FORMATS, gate: P.Gate = P.Gate(),
+                 name: str | None = None, explainer: bool = True, log=print) -> list[P.Row]:
+    """Write each artifact with its card, gate it against the float model, and report. Returns the rows."""
+    import keras
+    from export import graph, onnx as onnx_export, tflite
+    from train.evaluate import keras_predict
+
+    keras_path = Path(keras_path)
+    out.mkdir(parents=True, exist_ok=True)
+    model = keras.models.load_model(keras_path, compile=False)
+    try:
+        src_card = read_card(keras_path)
+    except Exception:
+        src_card = ModelCard(name=keras_path.stem, format="keras", gradcam_layer="last_conv")
+    size = int(model.input_shape[1])
+    name = name or src_card.name or keras_path.stem
+    src_sha = sha256_file(keras_path)
+    tools = tool_versions()
+    serve = graph.serving_function(model, size)
+    p_ref = keras_predict(model, data.images)
+    ref = {"n": int(len(data.labels)), **M.binary_metrics(data.labels, p_ref, src_card.threshold)}
+    base = dataclasses.replace(src_card, name=name, source_sha256=src_sha, tools=tools, parity={})
+
+    explainers = {}
+    if explainer:
+        explainers = export_explainers(model, src_card, size, out, name, base, data, log)
+
+    rows = []
+    for fmt in formats:
+        kind, variant = fmt.split("-", 1)
+        path = out / f"{name}_{variant}.{kind}"
+        log(f"export {fmt} → {path}")
+        try:
+            if kind == "tflite":
+                atomic_write_bytes(path, tflite.convert(serve, variant, data.calibration))
+            elif variant == "fp32":
+                onnx_export.convert(serve, path, size)
+            else:
+                fp32 = out / f"{name}_fp32.onnx"
+                if not fp32.exists():
+                    onnx_export.convert(serve, fp32, size)
+                onnx_export.quantize_int8(fp32, path, data.calibration)
+        except Exception as e:  # a converter failure marks this artifact failed, the others go on
+            rows.append(P.Row(fmt, path.name, "error", 0.0, f"conversion failed: {type(e).__name__}: {str(e)[:200]}"))
+            log(f"  error: {rows[-1].reason}")
+            continue
+        card = dataclasses.replace(base, format=kind, variant=variant, artifact_sha256=sha256_file(path),
+                                   explainer=explainers.get(kind, ""))
+        write_card(path, card)
+        loaded = load(path)
+        card.input_dtype, card.input_quant = loaded.input_dtype, _q(loaded.input_quant)
+        card.output_quant = _q(loaded.output_quant[0])
+        row = P.check(fmt, path, data.labels, p_ref, data.images, gate, src_card.threshold)
+        card.parity = {"status": row.status, "reason": row.reason, "on": data.title, **row.metrics}
+        if kind == "onnx":
+            onnx_export.set_metadata(path, _onnx_props(card))
+            card.artifact_sha256 = sha256_file(path)
+        write_card(path, card)
+        rows.append(row)
+        log(f"  {row.status} {row.reason}")
+    P.write_report(out, rows, f"Parity of {name} (source sha256 {src_sha[:12]}) on the {data.title}", ref, gate,
+                   {"explainer_max_abs_diff": {k: v["max_abs_diff"] for k, v in explainers.get("_check", {}).items()}}
+                   if explainers else None)
+    return rows
+
+
+def _q(q) -> tuple[float, int] | None:
+    return (float(q[0]), int(q[1])) if q and q[0] else None
+
+
+def _onnx_props(card: ModelCard) -> dict[str, str]:
+    return {"malaria_edge.class_names": ",".join(card.class_names), "malaria_edge.input_size": str(card.input_size),
+            "malaria_edge.normalization": card.normalization, "malaria_edge.threshold": str(card.threshold),
+            "malaria_edge.source_sha256": card.source_sha256, "malaria_edge.split_hash": card.split_hash,
+            "malaria_edge.variant": card.variant, "malaria_edge.recipe": card.recipe}
+
+
+class ExplainerMismatch(RuntimeError):
+    pass
+
+
+def export_explainers(model, src_card: ModelCard, size: int, out: Path, name: str, base: ModelCard,
+                      data: ExportData, log=print) -> dict:
+    """Grad-CAM of the full float model as its own graph, in both formats, checked against GradientTape."""
+    from export import graph, onnx as onnx_export, tflite
+    layer = src_card.gradcam_layer
+    fn = graph.explainer_function(model, layer, size, src_card.threshold)
+    probe = data.images[:32]
+    ref_p, ref_h = graph.gradcam_reference(model, layer, probe, src_card.threshold)
+    written, checks = {}, {}
+    for kind in ("tflite", "onnx"):
+        path = out / f"{name}_explainer.{kind}"
+        log(f"export Grad-CAM explainer → {path}")
+        if kind == "tflite":
+            atomic_write_bytes(path, tflite.convert(fn, "fp32"))
+        else:
+            onnx_export.convert(fn, path, size)
+        card = dataclasses.replace(base, format=kind, variant="fp32", role="explainer",
+                                   artifact_sha256=sha256_file(path))
+        write_card(path, card)
+        p, h = load(path).explain(probe)
+        diff = float(np.max(np.abs(h - ref_h)))
+        checks[kind] = {"max_abs_diff": diff, "prob_max_abs_diff": float(np.max(np.abs(p - ref_p))), "images": len(probe)}
+        card.parity = {"gradcam_vs_gradienttape": checks[kind], "heatmap_shape": list(h.shape[1:])}
+        write_card(path, card)
+        log(f"  heat map max |Δ| vs GradientTape: {diff:.2e} on {len(probe)} images")
+        if diff > EXPLAINER_TOL:
+            raise ExplainerMismatch(f"{path.name}: Grad-CAM differs from the GradientTape reference by {diff:.2e} "
+                                    f"(> {EXPLAINER_TOL})")
+        written[kind] = path.name
+    written["_check"] = checks
+    return written

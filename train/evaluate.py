@@ -1,0 +1,117 @@
+"""Evaluate a model (.keras, or any exported artifact through the edge runtime) on a labelled set."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge.card import CLASS_NAMES, atomic_write_text
+from edge.images import ImageError
+from edge import metrics as M
+from train import plots
+
+
+@dataclass
+class LabelledSet:
+    images: np.ndarray  # N×S×S×3 uint8
+    labels: np.ndarray
+    groups: list[str]
+    relpaths: list[str]
+    name: str  # e.g. "test split (patient-grouped, hash …)"
+
+
+def from_prepared(data_dir: Path, split: str) -> LabelledSet:
+    from train.data import load_prepared
+    d = load_prepared(data_dir)
+    idx = d.indices(split)
+    if len(idx) == 0:
+        raise ValueError(f"{data_dir}: split {split!r} is empty")
+    kind = d.split_info.get("kind", "patient")
+    return LabelledSet(np.asarray(d.images[idx]), d.labels[idx], [d.groups[i] for i in idx],
+                       [d.relpaths[i] for i in idx], f"{split} split ({kind}-grouped, hash {d.split_info['hash']})"
+                       if kind == "patient" else f"{split} split (RANDOM image-level split, hash {d.split_info['hash']})")
+
+
+def from_folder(folder: Path, size: int) -> LabelledSet:
+    """Any labelled folder (Parasitized/ and Uninfected/ subfolders, Kaggle layout included)."""
+    from train.data import scan_source
+    from train.split import patient_group
+    from edge.images import load_image
+    from edge.preprocess import resize_rgb
+    items, _ = scan_source(Path(folder))
+    imgs, labels, groups, rel = [], [], [], []
+    for it in items:
+        try:
+            imgs.append(resize_rgb(load_image(it.member), size))
+        except ImageError as e:
+            print(f"skipped {e}")
+            continue
+        labels.append(CLASS_NAMES.index(it.label))
+        groups.append(patient_group(Path(it.key).name))
+        rel.append(it.key)
+    return LabelledSet(np.stack(imgs), np.array(labels), groups, rel, f"folder {folder}")
+
+
+def keras_predict(model, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    out = [np.asarray(model(images[i:i + batch].astype(np.float32), training=False)).reshape(-1)
+           for i in range(0, len(images), batch)]
+    return np.concatenate(out).astype(np.float64)
+
+
+def predict_file(model_path: Path, images: np.ndarray) -> np.ndarray:
+    """P(Parasitized) for uint8 images from a .keras file or an exported artifact."""
+    if model_path.suffix == ".keras":
+        import keras
+        return keras_predict(keras.models.load_model(model_path, compile=False), images)
+    from edge.runtime import load_classifier
+    return load_classifier(model_path).predict(images).astype(np.float64)
+
+
+def evaluate(y, p, groups, threshold: float, out: Path | None, title: str, reps: int = 1000) -> dict:
+    rep = M.report(y, p, groups, threshold, reps=reps)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        plots.confusion_matrix(rep["confusion_matrix"], out / "confusion_matrix.png", title)
+        plots.roc(y, p, out / "roc.png", title, rep["auc"])
+    return rep
+
+
+def write_predictions(path: Path, ls: LabelledSet, p: np.ndarray, threshold: float) -> None:
+    rows = ["path,true_label,prob_parasitized,predicted_label"]
+    for r, y, pi in zip(ls.relpaths, ls.labels, p):
+        rows.append(f"{r},{CLASS_NAMES[int(y)]},{pi:.6f},{CLASS_NAMES[int(pi >= threshold)]}")
+    atomic_write_text(path, "\n".join(rows) + "\n")
+
+
+def classification_report(rep: dict) -> str:
+    """A sklearn-style text report from our own metrics."""
+    (tn, fp), (fn, tp) = rep["confusion_matrix"]
+    ci = rep.get("ci95", {})
+
+    def c(k):
+        return f" [{ci[k][0]:.4f}, {ci[k][1]:.4f}]" if k in ci else ""
+
+    lines = [f"n={rep['n']}  groups={rep.get('n_groups', '?')}  threshold={rep['threshold']:.3f}",
+             f"accuracy     {rep['accuracy']:.4f}{c('accuracy')}",
+             f"precision    {rep['precision']:.4f}{c('precision')}",
+             f"recall/sens  {rep['recall']:.4f}{c('recall')}",
+             f"specificity  {rep['specificity']:.4f}{c('specificity')}",
+             f"f1           {rep['f1']:.4f}{c('f1')}",
+             f"roc auc      {rep['auc']:.4f}{c('auc')}",
+             f"mcc          {rep['mcc']:.4f}{c('mcc')}",
+             f"confusion    TN={tn} FP={fp} FN={fn} TP={tp}"]
+    return "\n".join(lines)
+
+
+def save_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return (np.array([CLASS_NAMES.index(r["true_label"]) for r in rows]),
+            np.array([float(r["prob_parasitized"]) for r in rows]))
