@@ -6,10 +6,9 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 
 from edge.card import CardError
-from edge.results import FIELDS, Row, Writer, format_for, open_output, summary
+from edge.results import Writer, format_for, open_output, summary
 from edge.runtime import ModelError, default_model, load_classifier, load_explainer_for
 
 
@@ -34,10 +33,12 @@ from edge.runtime import ModelError, default_model, load_classifier, load_explai
 @click.option("--interval", type=float, default=1.0, show_default=True,
               help="Live: seconds between classified frames (0: every frame).")
 @click.option("--max-frames", type=int, default=None, help="Live: stop after classifying this many frames.")
+@click.option("--retries", default=3, show_default=True, help="Live: reconnect attempts when the camera is lost.")
+@click.option("--retry-wait", default=1.0, show_default=True, help="Live: seconds between reconnect attempts.")
 @click.option("--show", is_flag=True, help="Live: show a window (needs a display and a GUI OpenCV; q quits).")
 @click.option("--quiet", "-q", is_flag=True, help="No per-image rows on the terminal, only the summary.")
 def main(paths, model_path, camera, video, gradcam, panel, out, output, fmt, threshold, threads, batch, interval,
-         max_frames, show, quiet):
+         max_frames, retries, retry_wait, show, quiet):
     """Classify blood-cell images as Parasitized or Uninfected.
 
     \b
@@ -68,7 +69,7 @@ def main(paths, model_path, camera, video, gradcam, panel, out, output, fmt, thr
         from edge.live import run_live
         from edge.camera import Source, parse_camera
         src = Source(str(video), is_file=True) if video is not None else parse_camera(camera)
-        sys.exit(run_live(src, model, thr, explainer, out, interval, max_frames, show, panel))
+        sys.exit(run_live(src, model, thr, explainer, out, interval, max_frames, show, panel, retries, retry_wait))
     sys.exit(run_files(list(paths), model, thr, explainer, out, output, fmt, batch, panel, quiet))
 
 

@@ -4,6 +4,8 @@ Shared by `evaluate`, the export parity gate and the benchmarks, so they all rep
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "auc", "mcc")
@@ -72,8 +74,10 @@ def bootstrap_ci(y, p, groups, threshold: float = 0.5, reps: int = 1000, seed: i
         m = binary_metrics(y, p, threshold, w=draw[gidx])
         for k in METRICS:
             samples[k].append(m[k])
-    return {k: [float(np.nanpercentile(v, 100 * alpha / 2)), float(np.nanpercentile(v, 100 * (1 - alpha / 2)))]
-            for k, v in samples.items()}
+    with warnings.catch_warnings():  # a resample with one class has no AUC: it is left out (NaN)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {k: [float(np.nanpercentile(v, 100 * alpha / 2)), float(np.nanpercentile(v, 100 * (1 - alpha / 2)))]
+                for k, v in samples.items()}
 
 
 def report(y, p, groups=None, threshold: float = 0.5, reps: int = 1000) -> dict:

@@ -35,6 +35,15 @@ def stratified(labels: np.ndarray, idx: np.ndarray, n: int, seed: int) -> np.nda
     return np.sort(np.concatenate(out))
 
 
+def full_range(images: np.ndarray) -> np.ndarray:
+    """Calibration images with one pixel at 0 and one at 255, so the calibrated input range is the
+    whole 0..255 (int8 input = pixel − 128 exactly; no bright pixel ever clips)."""
+    out = np.array(images, copy=True)
+    out[0, 0, 0, :] = 0
+    out[0, 0, 1, :] = 255
+    return out
+
+
 def export_data(data_dir: Path, calib_n: int = 300, parity_split: str = "test", max_parity: int | None = None,
                 seed: int = 0) -> ExportData:
     from train.data import load_prepared
@@ -43,7 +52,7 @@ def export_data(data_dir: Path, calib_n: int = 300, parity_split: str = "test", 
     par = d.indices(parity_split)
     if max_parity and len(par) > max_parity:
         par = stratified(d.labels, par, max_parity, seed)
-    return ExportData(np.asarray(d.images[cal]), np.asarray(d.images[par]), d.labels[par],
+    return ExportData(full_range(d.images[cal]), np.asarray(d.images[par]), d.labels[par],
                       f"{parity_split} split ({len(par)} images, split hash {d.split_info['hash']})")
 
 

@@ -247,5 +247,28 @@ def export_cmd(model_path, data_dir, out, formats, name, calib, parity_split, ma
                                    + ", ".join(f"{r.format} ({r.reason})" for r in failed))
 
 
+@main.command("bench")
+@click.argument("model_dirs", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=Path("data/prepared"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)
+@click.option("--threads", default="1,2", show_default=True, help="Thread counts to time.")
+@click.option("--runs", default=200, show_default=True, help="Timed runs at batch 1 (a quarter of that at batch 32).")
+@click.option("--budget-s", default=15.0, show_default=True, help="Time cap per measurement (never under 20 runs).")
+@click.option("--max-images", type=int, default=None, help="Cap the accuracy images (quick runs).")
+@click.option("--e2e-images", default=2000, show_default=True, help="Real images for the edge-infer folder run (0: skip).")
+@_fail_cleanly
+def bench_cmd(model_dirs, data_dir, out, threads, runs, budget_s, max_images, e2e_images):
+    """Accuracy and CPU latency of every artifact in each MODEL_DIR against its Keras baseline.
+
+    MODEL_DIR holds a .keras model and its exports (`malaria-edge export` output). Writes
+    <name>.md/.csv/.json/.png into --out.
+    """
+    from benchmarks.bench import bench, markdown
+    for d in model_dirs:
+        res = bench(d, data_dir, out, tuple(int(t) for t in threads.split(",")), runs, budget_s, max_images,
+                    e2e_images, log=click.echo)
+        click.echo(markdown(res))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,47 @@
+"""The benchmark runs end to end on a tiny model and writes table, CSV, JSON and plot with sane values."""
+import csv
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import run
+
+
+@pytest.fixture(scope="module")
+def bench_result(tiny_model, exported, prepared, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench") / "tiny"
+    shutil.copytree(exported, d)
+    for f in (tiny_model, tiny_model.with_name(tiny_model.name + ".card.json")):
+        shutil.copy(f, d / f.name)
+    out = d.parent / "results"
+    res = run(["-m", "train.cli", "bench", str(d), "--data", str(prepared), "--out", str(out), "--threads", "1",
+               "--runs", "20", "--budget-s", "1", "--max-images", "20", "--e2e-images", "12"], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_bench_writes_every_output(bench_result):
+    for ext in ("md", "csv", "json", "png"):
+        assert (bench_result / f"tiny.{ext}").stat().st_size > 0
+
+
+def test_bench_rows_cover_every_artifact_with_sane_values(bench_result):
+    res = json.loads((bench_result / "tiny.json").read_text())
+    names = [r["artifact"] for r in res["rows"]]
+    assert names[:2] == ["keras model.predict", "keras model(x)"]
+    assert {"tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8", "onnx-fp32", "onnx-int8"} <= set(names)
+    for r in res["rows"]:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["agreement_pct"] <= 100
+        assert 0 < r["p50_b1_t1_ms"] <= r["p99_b1_ms"] and r["runs_b1"] >= 20
+        assert r["peak_rss_mb"] > 10 and r["size_mb"] > 0 and r["cells_per_s_b32"] > 0
+    base = res["rows"][0]
+    assert base["speedup_vs_keras_predict"] == pytest.approx(1.0)
+    assert res["macs_per_image"] > 1e6 and res["peaks"]["1"]["fp32_gflops"] > 0
+    e = res["end_to_end"]
+    assert e["images"] == 12 and e["cells_per_s"] > 0 and e["peak_rss_mb"] > 10
+    with open(bench_result / "tiny.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(res["rows"]) and "speedup_vs_keras_predict" in rows[0]
+    md = (bench_result / "tiny.md").read_text()
+    assert "| Artifact | Size MB | Accuracy |" in md and "cells/s" in md and "cores" in md

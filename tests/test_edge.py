@@ -1,0 +1,192 @@
+"""`edge-infer` end to end on real images, videos and exported models."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from edge.images import load_image
+from edge.preprocess import resize_rgb
+from edge.runtime import load_classifier, load_explainer_for
+from tests.conftest import ROOT, run
+
+
+def infer(*args, **kw):
+    return run(["-m", "edge.cli", *map(str, args)], **kw)
+
+
+@pytest.fixture(scope="module")
+def mixed_inputs(cell_files, tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    good = cell_files[:3]
+    for p in good:
+        (d / p.name).write_bytes(p.read_bytes())
+    (d / "empty.png").write_bytes(b"")
+    (d / "corrupt.webp").write_bytes(good[0].read_bytes()[:200])
+    (d / "text.jpg").write_text("hello")
+    return d
+
+
+def test_folder_with_bad_files_gives_error_rows_and_exit_1(exported, mixed_inputs, tmp_path):
+    res = infer(mixed_inputs, "--model", exported / "tiny_int8.tflite", "--output", tmp_path / "r.csv")
+    assert res.returncode == 1, res.stderr
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+    assert len(rows) == 6
+    bad = {os.path.basename(r["path"]): r for r in rows if r["status"] == "error"}
+    assert set(bad) == {"empty.png", "corrupt.webp", "text.jpg"}
+    assert bad["empty.png"]["error"] == "empty file" and bad["empty.png"]["prob_parasitized"] == ""
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(r["label"] in ("Parasitized", "Uninfected") and 0 <= float(r["prob_parasitized"]) <= 1 for r in ok)
+    assert "3 errors" in res.stderr
+
+
+def test_single_file_glob_and_missing_file(exported, cell_files, tmp_path):
+    m = exported / "tiny_int8.onnx"
+    one = infer(cell_files[0], "--model", m, "--format", "jsonl")
+    assert one.returncode == 0
+    assert json.loads(one.stdout.splitlines()[0])["path"] == str(cell_files[0])
+    glob = infer(str(cell_files[0].parent / "*.webp"), "--model", m, "--format", "csv")
+    assert glob.returncode == 0 and len(glob.stdout.strip().splitlines()) == 1 + len(list(cell_files[0].parent.glob("*.webp")))
+    missing = infer(tmp_path / "nope.png", "--model", m, "--format", "json")
+    assert missing.returncode == 1
+    assert json.loads(missing.stdout)[0]["error"].startswith("no such file")
+
+
+def test_json_output_file_and_table(exported, cell_files, tmp_path):
+    res = infer(*cell_files[:2], "--model", exported / "tiny_fp32.tflite", "--output", tmp_path / "r.json")
+    assert res.returncode == 0 and "p(parasitized)" in res.stdout
+    assert [r["status"] for r in json.loads((tmp_path / "r.json").read_text())] == ["ok", "ok"]
+
+
+def test_tflite_and_onnx_give_the_same_labels(exported, cell_files):
+    x = np.stack([resize_rgb(load_image(p), 128) for p in cell_files])
+    for variant in ("fp32", "int8"):
+        a = load_classifier(exported / f"tiny_{variant}.tflite").predict(x)
+        b = load_classifier(exported / f"tiny_{variant}.onnx").predict(x)
+        assert np.mean((a >= 0.5) == (b >= 0.5)) >= (1.0 if variant == "fp32" else 0.95)
+        assert np.max(np.abs(a - b)) < (1e-4 if variant == "fp32" else 0.05)
+
+
+def test_gradcam_overlays_show_the_explainer_heat_map(exported, cell_files, tmp_path):
+    from edge.cli import overlay_name
+    from edge.gradcam import overlay
+    model = exported / "tiny_fp32.onnx"
+    res = infer(*cell_files[:2], "--model", model, "--gradcam", "--out", tmp_path, "--batch", "1")
+    assert res.returncode == 0, res.stderr
+    for p in cell_files[:2]:
+        saved = cv2.imread(str(tmp_path / overlay_name(p)))
+        assert saved is not None
+        m = load_classifier(model)
+        rgb = load_image(p)
+        x = resize_rgb(rgb, 128)[None]
+        prob = float(m.predict(x)[0])
+        _, heat = load_explainer_for(m).explain(x)
+        want = overlay(rgb, heat[0], "Parasitized" if prob >= 0.5 else "Uninfected", prob)
+        assert saved.shape == want.shape
+        assert np.mean(np.abs(saved.astype(int) - want.astype(int))) < 1.0
+
+
+def test_killed_run_keeps_every_finished_row(exported, cell_files, tmp_path):
+    d = tmp_path / "many"
+    d.mkdir()
+    for i in range(1500):
+        os.symlink(cell_files[i % len(cell_files)], d / f"{i:05d}.webp")
+    out = tmp_path / "r.csv"
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", str(d), "--model", str(exported / "tiny_fp32.tflite"),
+                             "--batch", "1", "-q", "--output", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 21):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    lines = out.read_text().splitlines()
+    assert 20 <= len(lines) - 1 < 1500
+    rows = list(csv.DictReader(lines))
+    assert all(r["status"] == "ok" and r["label"] for r in rows)
+
+
+def _video(path, cell_files, n=10, fps=5):
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (160, 160))
+    assert w.isOpened()
+    for i in range(n):
+        rgb = resize_rgb(load_image(cell_files[i % len(cell_files)]), 160)
+        w.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    w.release()
+    return path
+
+
+def test_video_file_goes_through_the_camera_path(exported, cell_files, tmp_path):
+    video = _video(tmp_path / "cells.avi", cell_files)
+    res = infer("--video", video, "--model", exported / "tiny_int8.tflite", "--gradcam", "--interval", "0",
+                "--out", tmp_path / "live")
+    assert res.returncode == 0, res.stderr
+    rows = list(csv.DictReader(open(tmp_path / "live" / "live_results.csv")))
+    assert len(rows) == 10 and all(r["status"] == "ok" for r in rows)
+    assert len(list((tmp_path / "live" / "frames").glob("frame_*.png"))) == 10
+    every_second = infer("--video", video, "--model", exported / "tiny_int8.tflite", "--interval", "1",
+                         "--out", tmp_path / "live2")
+    assert every_second.returncode == 0
+    assert len(list(csv.DictReader(open(tmp_path / "live2" / "live_results.csv")))) == 2  # t = 0 s and 1 s
+
+
+def test_missing_camera_is_a_clear_error_after_bounded_retries(exported, tmp_path):
+    res = infer("--camera", "57", "--model", exported / "tiny_int8.tflite", "--retries", "2", "--retry-wait", "0.1",
+                "--out", tmp_path)
+    assert res.returncode == 1
+    assert "camera 57 could not be opened" in res.stderr and "retry 2/2" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_usage_and_model_errors_are_one_line(exported, cell_files, tmp_path):
+    none = infer()
+    assert none.returncode == 2 and "give image PATHS" in none.stderr
+    bad_model = infer(cell_files[0], "--model", tmp_path / "missing.tflite")
+    assert bad_model.returncode == 1 and "no such model file" in bad_model.stderr
+    assert "Traceback" not in bad_model.stderr
+    wrong = tmp_path / "model.onnx"
+    wrong.write_text("nonsense")
+    (tmp_path / "model.onnx.card.json").write_text((exported / "tiny_int8.onnx.card.json").read_text())
+    res = infer(cell_files[0], "--model", wrong)
+    assert res.returncode == 1 and "not a valid ONNX model" in res.stderr
+
+
+BLOCK_TF = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx', 'tf_keras'):
+            raise ImportError(name + ' is not installed on this device')
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_edge_modules_never_import_tensorflow():
+    code = BLOCK_TF + """
+import pkgutil, importlib, edge
+for m in pkgutil.iter_modules(edge.__path__):
+    importlib.import_module('edge.' + m.name)
+bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]
+assert not bad, bad
+print('ok', len(list(pkgutil.iter_modules(edge.__path__))))
+"""
+    res = run(["-c", code])
+    assert res.returncode == 0 and res.stdout.startswith("ok"), res.stderr
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+@pytest.mark.parametrize("gradcam", [False, True])
+def test_edge_infer_works_where_tensorflow_cannot_be_imported(exported, cell_files, tmp_path, fmt, gradcam):
+    args = [str(cell_files[0]), "--model", str(exported / f"tiny_int8.{fmt}"), "--format", "jsonl", "--out", str(tmp_path)]
+    args += ["--gradcam"] if gradcam else []
+    code = BLOCK_TF + f"sys.argv = ['edge-infer', *{args!r}]\nfrom edge.cli import main\nmain()\n"
+    res = run(["-c", code])
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.splitlines()[0])["status"] == "ok"
+    assert bool(list(tmp_path.glob("*_gradcam.png"))) == gradcam

@@ -1,0 +1,53 @@
+"""Metrics on fixed predictions give the values worked out by hand."""
+import numpy as np
+import pytest
+
+from edge import metrics as M
+
+# 10 cells: 4 TP, 1 FN, 3 TN, 2 FP at threshold 0.5
+Y = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
+P = np.array([0.9, 0.8, 0.7, 0.6, 0.4, 0.55, 0.65, 0.3, 0.2, 0.1])
+
+
+def test_confusion_and_point_metrics():
+    m = M.report(Y, P)
+    assert m["confusion_matrix"] == [[3, 2], [1, 4]]
+    assert m["accuracy"] == pytest.approx(0.7)
+    assert m["precision"] == pytest.approx(4 / 6)
+    assert m["recall"] == pytest.approx(0.8)
+    assert m["specificity"] == pytest.approx(0.6)
+    assert m["f1"] == pytest.approx(2 * (4 / 6) * 0.8 / (4 / 6 + 0.8))
+    assert m["mcc"] == pytest.approx((4 * 3 - 2 * 1) / np.sqrt(6 * 5 * 5 * 4))
+
+
+def test_auc_counts_pairs_and_ties():
+    # 25 positive-negative pairs; negatives 0.55 and 0.65 outrank positive 0.4, 0.65 outranks 0.6
+    assert M.roc_auc(Y, P) == pytest.approx(22 / 25)
+    assert M.roc_auc(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+
+
+def test_threshold_for_sensitivity_reaches_the_target():
+    t = M.threshold_for_sensitivity(Y, P, 1.0)
+    assert t == pytest.approx(0.4)
+    assert M.binary_metrics(Y, P, t)["recall"] == 1.0
+    assert M.threshold_for_sensitivity(Y, P, 0.6) == pytest.approx(0.7)
+
+
+def test_grouped_bootstrap_ci_brackets_the_estimate():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    p = y * 0.3 + rng.random(400) * 0.7
+    groups = [f"P{i % 20}" for i in range(400)]
+    r = M.report(y, p, groups, reps=200)
+    for k in ("accuracy", "auc", "f1"):
+        lo, hi = r["ci95"][k]
+        assert lo <= r[k] <= hi and hi - lo > 0
+    assert r["n_groups"] == 20
+
+
+def test_parity_against_reference():
+    d = M.parity(Y, P, 1 - P)  # every label flips
+    assert d["agreement_pct"] == 0.0
+    assert d["delta_accuracy_pp"] == pytest.approx(100 * (0.3 - 0.7))
+    same = M.parity(Y, P, P)
+    assert same["agreement_pct"] == 100.0 and same["max_abs_dprob"] == 0.0

@@ -1,0 +1,91 @@
+"""Recipes build flat with an addressable Grad-CAM layer; a tiny real run yields a model and card that load."""
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from edge.card import read_card
+from train.models import WeightsError, build_cnn, build_mobilenetv2, gradcam_layer_for
+from train.train import CellBatches
+
+
+@pytest.mark.parametrize("recipe", ["cnn", "mobilenetv2-frozen"])
+def test_recipe_is_flat_with_named_gradcam_layer(recipe):
+    m = build_cnn(96) if recipe == "cnn" else build_mobilenetv2(96, alpha=0.35)
+    layer = m.get_layer(gradcam_layer_for(recipe))
+    assert len(layer.output.shape) == 4
+    assert not any(isinstance(l, keras.Model) for l in m.layers)  # no nested base model
+    # the conv output and the logit are reachable from the model's own input (no "Graph disconnected")
+    keras.Model(m.inputs, [layer.output, m.get_layer("logit").output])
+    assert m.get_layer("prob").output.shape == (None, 1)
+
+
+def test_imagenet_weights_offline_is_one_clear_line(monkeypatch):
+    import keras.src.applications.mobilenet_v2 as mv
+
+    def offline(*a, **k):
+        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(mv.file_utils, "get_file", offline)
+    with pytest.raises(WeightsError, match="--weights PATH"):
+        build_mobilenetv2(96, weights="imagenet", alpha=0.35)
+
+
+def test_weights_path_loads_a_local_file(tmp_path):
+    base = keras.applications.MobileNetV2(input_shape=(96, 96, 3), include_top=False, weights=None, alpha=0.35)
+    k = base.get_layer("Conv1").kernel
+    k.assign(np.full(k.shape, 0.123, "float32"))
+    path = tmp_path / "base.weights.h5"
+    base.save_weights(path)
+    m = build_mobilenetv2(96, weights=str(path), alpha=0.35)
+    assert np.allclose(m.get_layer("Conv1").kernel.numpy(), 0.123)
+    with pytest.raises(WeightsError, match="not found"):
+        build_mobilenetv2(96, weights=str(tmp_path / "missing.weights.h5"), alpha=0.35)
+
+
+def test_tiny_training_run_yields_model_and_card(tiny_model):
+    card = read_card(tiny_model)
+    assert card.format == "keras" and card.recipe == "cnn" and card.gradcam_layer == "last_conv"
+    assert card.split_hash and card.artifact_sha256 and 0 < card.threshold < 1
+    t = card.metrics["test"]
+    assert t["n"] > 0 and "ci95" in t and len(t["confusion_matrix"]) == 2
+    assert card.training["epochs"] == 1 and card.training["seconds"] > 0
+    m = keras.models.load_model(tiny_model, compile=False)
+    p = m(np.zeros((2, 128, 128, 3), "float32")).numpy()
+    assert p.shape == (2, 1) and np.all((p >= 0) & (p <= 1))
+    run_dir = tiny_model.parent
+    for f in ("history.csv", "training_curves.png", "confusion_matrix.png", "roc.png", "test_metrics.json"):
+        assert (run_dir / f).stat().st_size > 0, f
+    assert json.loads((run_dir / "test_metrics.json").read_text())["n"] == t["n"]
+
+
+def test_training_batches_match_edge_preprocessing(prepared, cells):
+    """The tensor training sees for a cell equals what the edge runtime feeds the model."""
+    from edge.images import load_image
+    from edge.preprocess import resize_rgb, to_model_input
+    from train.data import load_prepared
+    d = load_prepared(prepared)
+    i = int(d.indices("train")[0])
+    x, _ = CellBatches(d.images, d.labels, [i], 1, augment=False)[0]
+    edge = to_model_input(resize_rgb(load_image(cells / d.relpaths[i]), 128)[None], "float32")
+    assert x.dtype == edge.dtype and np.array_equal(x, edge)
+
+
+def test_augmentation_keeps_shape_and_range():
+    from train.train import augment_batch
+    x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)).astype(np.float32)
+    y = augment_batch(x, np.random.default_rng(1))
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 255 and not np.array_equal(x, y)
+
+
+def test_evaluate_cli_writes_json_and_predictions(tiny_model, prepared, tmp_path):
+    from tests.conftest import run
+    res = run(["-m", "train.cli", "evaluate", str(tiny_model), "--data-dir", str(prepared), "--split", "test",
+               "--json", str(tmp_path / "m.json"), "--predictions", str(tmp_path / "p.csv"),
+               "--plots", str(tmp_path / "plots")])
+    assert res.returncode == 0, res.stderr
+    m = json.loads((tmp_path / "m.json").read_text())
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert rows[0] == "path,true_label,prob_parasitized,predicted_label" and len(rows) == m["n"] + 1
+    assert (tmp_path / "plots" / "roc.png").exists() and "accuracy" in res.stdout
