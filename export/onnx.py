@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.card import atomic_write_bytes
+
 OPSET = 17  # tf2onnx 1.17 refuses opset 19+
 
 
@@ -14,7 +16,8 @@ def convert(fn, out: Path, size: int) -> Path:
     import tensorflow as tf
     import tf2onnx
     spec = (tf.TensorSpec([None, size, size, 3], tf.float32, name="image"),)
-    tf2onnx.convert.from_function(fn, input_signature=spec, opset=OPSET, output_path=str(out))
+    proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=OPSET)
+    atomic_write_bytes(out, proto.SerializeToString())
     return out
 
 
@@ -35,9 +38,10 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         prep = Path(tmp) / "prep.onnx"
         quant_pre_process(str(fp32), str(prep), skip_symbolic_shape=False)
-        quantize_static(str(prep), str(out), _Reader(name, calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+        quantize_static(str(prep), str(Path(tmp) / "int8.onnx"), _Reader(name, calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        atomic_write_bytes(out, (Path(tmp) / "int8.onnx").read_bytes())
     return out
 
 
@@ -49,7 +53,7 @@ def set_metadata(path: Path, props: dict[str, str]) -> None:
     for k, v in props.items():
         e = m.metadata_props.add()
         e.key, e.value = k, str(v)
-    onnx.save(m, str(path))
+    atomic_write_bytes(path, m.SerializeToString())
 
 
 def get_metadata(path: Path) -> dict[str, str]:

@@ -76,8 +76,11 @@ def markdown(rows: list[Row], title: str, ref: dict) -> str:
 
 
 def write_report(out_dir: Path, rows: list[Row], title: str, ref: dict, gate: Gate, extra: dict | None = None) -> None:
-    atomic_write_text(out_dir / "parity.md", markdown(rows, title, ref) + "".join(
-        f"\n{k}: {v}\n" for k, v in (extra or {}).items() if isinstance(v, str)))
+    md = markdown(rows, title, ref)
+    for kind, c in (extra or {}).get("explainer_vs_gradienttape", {}).items():
+        md += (f"\nGrad-CAM explainer ({kind}) vs tf.GradientTape on {c['images']} test images: "
+               f"max |Δheat map| {c['max_abs_diff']:.1e}, max |Δp| {c['prob_max_abs_diff']:.1e}\n")
+    atomic_write_text(out_dir / "parity.md", md)
     atomic_write_text(out_dir / "parity.json", json.dumps(
         {"title": title, "reference": ref, "gate": asdict(gate), "rows": [asdict(r) for r in rows], **(extra or {})},
         indent=2, default=float) + "\n")

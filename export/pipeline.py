@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edge import metrics as M
-from edge.card import ModelCard, atomic_write_bytes, read_card, sha256_file, write_card
+from edge.card import CardError, ModelCard, atomic_write_bytes, read_card, sha256_file, write_card
 from edge.runtime import load
 from export import parity as P
 
@@ -84,7 +84,7 @@ def export_model(keras_path: Path, out: Path, data: ExportData, formats=FORMATS,
     model = keras.models.load_model(keras_path, compile=False)
     try:
         src_card = read_card(keras_path)
-    except Exception:
+    except CardError:
         src_card = ModelCard(name=keras_path.stem, format="keras", gradcam_layer="last_conv")
     size = int(model.input_shape[1])
     name = name or src_card.name or keras_path.stem
@@ -95,9 +95,7 @@ def export_model(keras_path: Path, out: Path, data: ExportData, formats=FORMATS,
     ref = {"n": int(len(data.labels)), **M.binary_metrics(data.labels, p_ref, src_card.threshold)}
     base = dataclasses.replace(src_card, name=name, source_sha256=src_sha, tools=tools, parity={})
 
-    explainers = {}
-    if explainer:
-        explainers = export_explainers(model, src_card, size, out, name, base, data, log)
+    explainers, checks = export_explainers(model, src_card, size, out, name, base, data, log) if explainer else ({}, {})
 
     rows = []
     for fmt in formats:
@@ -133,8 +131,7 @@ def export_model(keras_path: Path, out: Path, data: ExportData, formats=FORMATS,
         rows.append(row)
         log(f"  {row.status} {row.reason}")
     P.write_report(out, rows, f"Parity of {name} (source sha256 {src_sha[:12]}) on the {data.title}", ref, gate,
-                   {"explainer_max_abs_diff": {k: v["max_abs_diff"] for k, v in explainers.get("_check", {}).items()}}
-                   if explainers else None)
+                   {"explainer_vs_gradienttape": checks})
     return rows
 
 
@@ -154,7 +151,7 @@ class ExplainerMismatch(RuntimeError):
 
 
 def export_explainers(model, src_card: ModelCard, size: int, out: Path, name: str, base: ModelCard,
-                      data: ExportData, log=print) -> dict:
+                      data: ExportData, log=print) -> tuple[dict, dict]:
     """Grad-CAM of the full float model as its own graph, in both formats, checked against GradientTape."""
     from export import graph, onnx as onnx_export, tflite
     layer = src_card.gradcam_layer
@@ -182,5 +179,4 @@ def export_explainers(model, src_card: ModelCard, size: int, out: Path, name: st
             raise ExplainerMismatch(f"{path.name}: Grad-CAM differs from the GradientTape reference by {diff:.2e} "
                                     f"(> {EXPLAINER_TOL})")
         written[kind] = path.name
-    written["_check"] = checks
-    return written
+    return written, checks

@@ -190,3 +190,26 @@ def test_edge_infer_works_where_tensorflow_cannot_be_imported(exported, cell_fil
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.splitlines()[0])["status"] == "ok"
     assert bool(list(tmp_path.glob("*_gradcam.png"))) == gradcam
+
+
+def test_camera_unplugged_mid_run_keeps_what_was_saved(exported, cell_files, tmp_path, monkeypatch):
+    """A 'camera' whose device disappears after it was opened (the file is deleted while open):
+    frames already read are classified and saved, reconnects are bounded, the exit code says so."""
+    import edge.camera as camera
+    from edge.live import run_live
+    video = _video(tmp_path / "cam.avi", cell_files, n=6)
+    real_open = camera.open_capture
+
+    def open_then_unplug(src):
+        cap = real_open(src)
+        if video.exists():
+            video.unlink()
+        return cap
+
+    monkeypatch.setattr(camera, "open_capture", open_then_unplug)
+    model = load_classifier(exported / "tiny_int8.tflite")
+    code = run_live(camera.Source(str(video), is_file=False), model, 0.5, None, tmp_path / "live", interval=0,
+                    max_frames=None, show=False, panel=False, retries=2, retry_wait=0.01)
+    assert code == 1
+    rows = list(csv.DictReader(open(tmp_path / "live" / "live_results.csv")))
+    assert len(rows) == 6 and len(list((tmp_path / "live" / "frames").glob("*.png"))) == 6
