@@ -37,7 +37,6 @@ def fp32_peak_gflops(threads: int, n: int = 1024, reps: int = 10) -> float:
 
 def int8_peak_gops(threads: int, n: int = 1024, reps: int = 10) -> float:
     """Best-of-reps uint8×int8 MatMulInteger throughput through onnxruntime (what int8 ONNX runs on)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
     g = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "mm",

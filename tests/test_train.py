@@ -89,3 +89,11 @@ def test_evaluate_cli_writes_json_and_predictions(tiny_model, prepared, tmp_path
     rows = (tmp_path / "p.csv").read_text().splitlines()
     assert rows[0] == "path,true_label,prob_parasitized,predicted_label" and len(rows) == m["n"] + 1
     assert (tmp_path / "plots" / "roc.png").exists() and "accuracy" in res.stdout
+
+
+def test_compare_builds_the_readme_table_and_figure(tiny_model, tmp_path):
+    from tests.conftest import run
+    res = run(["-m", "train.cli", "compare", str(tiny_model), "--figure", str(tmp_path / "cm.png")])
+    assert res.returncode == 0, res.stderr
+    assert "| tiny | cnn | from scratch" in res.stdout and "patient-grouped" in res.stdout
+    assert (tmp_path / "cm.png").stat().st_size > 0

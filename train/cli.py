@@ -4,7 +4,6 @@ TensorFlow is imported only inside the subcommands that need it, so `--help` and
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -205,6 +204,16 @@ def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitiv
         click.echo(f"threshold written to {model_path.name}'s card")
 
 
+@main.command("compare")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
+@click.option("--figure", type=click.Path(path_type=Path), default=None, help="Write one confusion-matrix figure here.")
+@_fail_cleanly
+def compare_cmd(models, figure):
+    """Comparison table (Markdown) of trained .keras models from their cards, test split metrics."""
+    from train.report import comparison
+    click.echo(comparison(list(models), figure))
+
+
 @main.command("export")
 @click.argument("model_path", type=click.Path(path_type=Path, exists=True))
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=Path("data/prepared"), show_default=True,
@@ -228,7 +237,7 @@ def export_cmd(model_path, data_dir, out, formats, name, calib, parity_split, ma
     Keras model; one that loses more than --max-delta-pp accuracy or agrees on fewer than
     --min-agreement % of labels is reported as FAIL and the command exits 1.
     """
-    from export.parity import Gate, markdown
+    from export.parity import Gate
     from export.pipeline import FORMATS, ExplainerMismatch, export_data, export_model
     fmts = [f.strip() for f in formats.split(",") if f.strip()]
     bad = [f for f in fmts if f not in FORMATS]

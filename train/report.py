@@ -31,3 +31,28 @@ def finalize(model, out: Path, data: Prepared, cfg: TrainConfig, info: dict,
     if (out / "history.csv").exists():
         plots.training_curves(read_history(out / "history.csv"), out / "training_curves.png", cfg.recipe)
     return make_card(model_path, cfg, data, info, threshold, metrics)
+
+
+def comparison(model_paths: list[Path], figure: Path | None = None) -> str:
+    """The seed's model comparison table (plus AUC and the split) from model cards, and one
+    confusion-matrix figure for all of them."""
+    from edge.card import read_card
+    lines = ["| Model | Recipe | Strategy | Accuracy [95% CI] | Precision | Recall | Specificity | F1 | AUC [95% CI] | Test split |",
+             "|---|---|---|---|---:|---:|---:|---:|---|---|"]
+    named = []
+    for p in model_paths:
+        c = read_card(p)
+        t = c.metrics["test"]
+        ci = t.get("ci95", {})
+        strategy = {"cnn": "from scratch", "mobilenetv2-frozen": "base frozen"}.get(
+            c.recipe, "from scratch, then top blocks at lr/10" if "scratch" in c.weights_origin else "fine-tuned")
+        lines.append(
+            f"| {c.name} | {c.recipe} | {strategy} (weights: {c.weights_origin}) | {t['accuracy']:.4f} "
+            f"[{ci['accuracy'][0]:.4f}, {ci['accuracy'][1]:.4f}] | {t['precision']:.4f} | {t['recall']:.4f} | "
+            f"{t['specificity']:.4f} | {t['f1']:.4f} | {t['auc']:.4f} [{ci['auc'][0]:.4f}, {ci['auc'][1]:.4f}] | "
+            f"{c.metrics.get('split_kind', 'patient')}-grouped, {t['n']} images / {t.get('n_groups', '?')} groups, "
+            f"hash {c.split_hash} |")
+        named.append((f"{c.name} (acc {t['accuracy']:.3f})", t["confusion_matrix"]))
+    if figure is not None:
+        plots.confusion_grid(named, figure)
+    return "\n".join(lines) + "\n"

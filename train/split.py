@@ -47,11 +47,9 @@ def assign_groups(groups: list[str], labels: list[str], fractions=(0.7, 0.15, 0.
     out = {}
     for g in order:
         mix = per_group[g]
-
-        def score(s):
-            return sum(n * (target[s][c] - current[s][c]) / max(target[s][c], 1e-9) for c, n in mix.items())
-
-        best = max((s for s, f in zip(SPLITS, fractions) if f > 0), key=score)
+        best = max((s for s, f in zip(SPLITS, fractions) if f > 0),
+                   key=lambda s, mix=mix: sum(n * (target[s][c] - current[s][c]) / max(target[s][c], 1e-9)
+                                              for c, n in mix.items()))
         out[g] = best
         current[best].update(mix)
     return out
