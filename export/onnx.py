@@ -30,7 +30,13 @@ class _Reader:
 
 
 def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
-    """Static int8 (QDQ, per-channel weights, uint8 activations) calibrated on the given images."""
+    """Static 8-bit QDQ, per-channel weights, calibrated on the given images.
+
+    Weights and activations are both uint8 (U8U8). With int8 weights (U8S8, or S8S8, which
+    onnxruntime runs as U8S8 on x86) the AVX2 kernels without VNNI saturate 16-bit intermediate
+    sums: on the shipped CNN label agreement with float fell to 98.6% (max |Δp| 0.51); U8U8 gave
+    100% (max |Δp| 0.03) at the same speed, and also runs on Arm.
+    """
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -40,7 +46,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
         quant_pre_process(str(fp32), str(prep), skip_symbolic_shape=False)
         quantize_static(str(prep), str(Path(tmp) / "int8.onnx"), _Reader(name, calibration),
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+                        weight_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax)
         atomic_write_bytes(out, (Path(tmp) / "int8.onnx").read_bytes())
     return out
 
