@@ -97,3 +97,17 @@ def test_compare_builds_the_readme_table_and_figure(tiny_model, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "| tiny | cnn | from scratch" in res.stdout and "patient-grouped" in res.stdout
     assert (tmp_path / "cm.png").stat().st_size > 0
+
+
+def test_continuing_a_run_keeps_history_and_the_best_checkpoint(tiny_model, prepared, tmp_path):
+    import shutil
+    from train.data import load_prepared
+    from train.train import TrainConfig, read_history, train
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_model.parent, run_dir)
+    before = read_history(run_dir / "history.csv")
+    _, info = train(load_prepared(prepared), TrainConfig(recipe="cnn", epochs=1, batch=16, verbose=0,
+                                                          init=str(run_dir / "model.keras")), run_dir)
+    after = read_history(run_dir / "history.csv")
+    assert len(after["epoch"]) == len(before["epoch"]) + 1 and info["epochs"] == len(after["epoch"])
+    assert info["init"].endswith("model.keras")

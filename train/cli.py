@@ -125,9 +125,11 @@ def data_download(dest, out, size, seed):
 @click.option("--max-train", type=int, default=None, help="Use at most this many training images (quick runs).")
 @click.option("--target-sensitivity", type=float, default=None,
               help="Set the card's threshold to reach this sensitivity on validation (default: 0.5).")
+@click.option("--init", type=click.Path(path_type=Path, exists=True), default=None,
+              help="Continue from this .keras (with --epochs 0: only the fine-tune stage).")
 @_fail_cleanly
 def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, weights, alpha, patience,
-              mixed_precision, max_train, target_sensitivity):
+              mixed_precision, max_train, target_sensitivity, init):
     """Train a recipe on the patient-grouped train split, pick the best epoch on validation,
     then report test metrics with 95% CIs and write the model card and plots."""
     from train.data import load_prepared
@@ -137,7 +139,8 @@ def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, w
     data = load_prepared(data_dir)
     cfg = TrainConfig(recipe=recipe, epochs=epochs, finetune_epochs=finetune_epochs, batch=batch, lr=lr, seed=seed,
                       weights=weights, alpha=alpha, patience=patience, mixed_precision=mixed_precision,
-                      max_train=max_train, verbose=1 if sys.stdout.isatty() else 2)
+                      max_train=max_train, init=str(init) if init else None,
+                      verbose=1 if sys.stdout.isatty() else 2)
     try:
         model, info = train(data, cfg, out)
     except WeightsError as e:

@@ -67,15 +67,21 @@ def build_mobilenetv2(size: int = 128, weights: str = "none", alpha: float = 1.0
     x = layers.GlobalAveragePooling2D(name="gap")(base.output)
     x = layers.Dense(128, activation="relu", name="fc")(x)
     x = layers.Dropout(0.3, name="drop_fc")(x)
-    model = _head_out(inp, x, "mobilenetv2")
-    model._base_layer_names = [l.name for l in base.layers]  # noqa: SLF001  (for freezing)
-    return model
+    return _head_out(inp, x, "mobilenetv2")
 
 
 def _head_out(inp, x, name) -> keras.Model:
     logit = layers.Dense(1, name="logit", dtype="float32")(x)
     prob = layers.Activation("sigmoid", name="prob", dtype="float32")(logit)
     return keras.Model(inp, prob, name=name)
+
+
+def base_layer_names(model: keras.Model) -> list[str]:
+    """The MobileNetV2 base inside a flat model: every layer between the rescaling and the head."""
+    names = [l.name for l in model.layers]
+    if "gap" not in names:
+        return []
+    return names[names.index("rescale") + 1: names.index("gap")]
 
 
 def set_base_trainable(model: keras.Model, base_names: list[str], trainable_from: str | None) -> None:

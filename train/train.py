@@ -15,7 +15,7 @@ import numpy as np
 
 from edge.card import ModelCard, sha256_file, write_card
 from train.data import Prepared
-from train.models import build_cnn, build_mobilenetv2, gradcam_layer_for, set_base_trainable
+from train.models import base_layer_names, build_cnn, build_mobilenetv2, gradcam_layer_for, set_base_trainable
 
 FINETUNE_FROM = "block_13_expand"  # the top three inverted-residual blocks + Conv_1
 
@@ -81,6 +81,7 @@ class TrainConfig:
     patience: int = 4
     mixed_precision: bool = False
     max_train: int | None = None  # cap on training images (tiny runs, tests)
+    init: str | None = None  # continue from this .keras (e.g. only the fine-tune stage, with epochs=0)
     verbose: int = 1
 
 
@@ -109,15 +110,22 @@ def train(data: Prepared, cfg: TrainConfig, out: Path) -> tuple[keras.Model, dic
         va = np.sort(rng.choice(va, min(len(va), max(cfg.max_train // 4, 8)), replace=False))
     train_ds = CellBatches(data.images, data.labels, tr, cfg.batch, augment=True, seed=cfg.seed)
     val_ds = CellBatches(data.images, data.labels, va, 128, augment=False)
-    model = build(cfg, size)
-    base_names = getattr(model, "_base_layer_names", [])
+    model = keras.models.load_model(cfg.init, compile=False) if cfg.init else build(cfg, size)
+    base_names = base_layer_names(model)
     ckpt = out / "model.keras"
     history_csv = out / "history.csv"
-    history_csv.unlink(missing_ok=True)
+    epoch0 = 0
+    if cfg.init and history_csv.exists():  # continuing a run: keep its history and epoch count
+        epoch0 = len(read_history(history_csv).get("epoch", []))
+    else:
+        history_csv.unlink(missing_ok=True)
 
     def callbacks():
+        # The checkpoint keeps the best epoch across stages (and across a continued run).
+        best = min(read_history(history_csv).get("val_loss", [np.inf])) if history_csv.exists() else None
         return [
-            keras.callbacks.ModelCheckpoint(str(ckpt), monitor="val_loss", save_best_only=True),
+            keras.callbacks.ModelCheckpoint(str(ckpt), monitor="val_loss", save_best_only=True,
+                                            initial_value_threshold=best if best is not None and np.isfinite(best) else None),
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True),
             keras.callbacks.CSVLogger(str(history_csv), append=True),
         ]
@@ -133,7 +141,7 @@ def train(data: Prepared, cfg: TrainConfig, out: Path) -> tuple[keras.Model, dic
         stages.append(("head (base frozen)" if pretrained else "all layers (from scratch)", cfg.epochs, cfg.lr,
                        "frozen" if pretrained else "all"))
         stages.append((f"fine-tune from {FINETUNE_FROM}", cfg.finetune_epochs, cfg.lr / 10, FINETUNE_FROM))
-    t0, epoch0, per_stage = time.time(), 0, []
+    t0, per_stage = time.time(), []
     for name, epochs, lr, trainable in stages:
         if epochs <= 0:
             continue
@@ -153,7 +161,7 @@ def train(data: Prepared, cfg: TrainConfig, out: Path) -> tuple[keras.Model, dic
     model = keras.models.load_model(ckpt, compile=False)
     info = {
         "recipe": cfg.recipe, "epochs": epoch0, "stages": per_stage, "batch": cfg.batch, "lr": cfg.lr,
-        "seed": cfg.seed, "alpha": cfg.alpha if cfg.recipe != "cnn" else None,
+        "seed": cfg.seed, "alpha": cfg.alpha if cfg.recipe != "cnn" else None, "init": cfg.init,
         "train_images": int(len(tr)), "val_images": int(len(va)),
         "seconds": round(seconds, 1), "seconds_per_epoch": round(seconds / max(epoch0, 1), 1),
         "machine": machine_info(), "keras": keras.__version__, "backend": keras.backend.backend(),
