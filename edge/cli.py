@@ -80,7 +80,10 @@ def run_files(paths, model, thr, explainer, out, output, fmt, batch, panel, quie
     if not files:
         raise click.ClickException("no image files found in " + ", ".join(paths))
     term = Writer(sys.stdout, fmt) if not quiet else None
-    fh = open_output(output) if output else None
+    try:
+        fh = open_output(output) if output else None
+    except OSError as e:
+        raise click.ClickException(f"cannot write {output}: {e.strerror or e}") from None
     filewriter = Writer(fh, format_for(output, None)) if fh else None
     n_ok = n_err = n_par = 0
     t0 = time.perf_counter()
@@ -103,11 +106,15 @@ def run_files(paths, model, thr, explainer, out, output, fmt, batch, panel, quie
             bar.update(len(rows))
     except KeyboardInterrupt:
         click.echo("\ninterrupted: every finished row is saved", err=True)
-        _close(term, filewriter, fh)
         click.echo(summary(n_ok, n_err, n_par), err=True)
         return 130
-    bar.close()
-    _close(term, filewriter, fh)
+    finally:
+        bar.close()
+        for w in (term, filewriter):
+            if w:
+                w.close()
+        if fh:
+            fh.close()
     dt = time.perf_counter() - t0
     click.echo(f"{summary(n_ok, n_err, n_par)}; {(n_ok + n_err) / dt:.0f} img/s with {model.path.name}", err=True)
     if explainer is not None:
@@ -119,14 +126,6 @@ def overlay_name(path: Path) -> str:
     """A unique, flat file name for an input's overlay."""
     parts = [p for p in path.with_suffix("").parts if p not in ("/", "..", ".")]
     return "__".join(parts[-3:]) + "_gradcam.png"
-
-
-def _close(term, filewriter, fh):
-    for w in (term, filewriter):
-        if w:
-            w.close()
-    if fh:
-        fh.close()
 
 
 if __name__ == "__main__":

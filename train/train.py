@@ -158,6 +158,11 @@ def train(data: Prepared, cfg: TrainConfig, out: Path) -> tuple[keras.Model, dic
         per_stage.append({"stage": name, "lr": lr, "epochs": ran, "seconds": round(time.time() - ts, 1)})
         epoch0 += ran
     seconds = time.time() - t0
+    prior = out / "train_info.json"
+    if cfg.init and prior.exists():  # a continued run reports every stage, with the earlier ones' time
+        before = json.loads(prior.read_text())
+        per_stage = before.get("stages", []) + per_stage
+        seconds += before.get("seconds", 0)
     model = keras.models.load_model(ckpt, compile=False)
     info = {
         "recipe": cfg.recipe, "epochs": epoch0, "stages": per_stage, "batch": cfg.batch, "lr": cfg.lr,
