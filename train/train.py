@@ -132,6 +132,8 @@ def train(data: Prepared, cfg: TrainConfig, out: Path) -> tuple[keras.Model, dic
 
     stages = []
     pretrained = cfg.weights != "none"
+    if cfg.recipe == "mobilenetv2-frozen" and not pretrained and not cfg.init:
+        print("warning: a frozen base with random weights learns only the head; use --weights imagenet or PATH")
     if cfg.recipe == "cnn":
         stages.append(("train", cfg.epochs, cfg.lr, None))
     elif cfg.recipe == "mobilenetv2-frozen":
@@ -147,7 +149,9 @@ def train(data: Prepared, cfg: TrainConfig, out: Path) -> tuple[keras.Model, dic
             continue
         if trainable == "frozen":
             set_base_trainable(model, base_names, None)
-        elif trainable not in (None, "all"):
+        elif trainable == "all" and base_names:
+            set_base_trainable(model, base_names, base_names[0])  # a continued model may carry frozen layers
+        elif trainable is not None:
             set_base_trainable(model, base_names, trainable)
         _compile(model, lr)
         print(f"stage: {name}, lr {lr:g}, {epochs} epochs, {len(tr)} train / {len(va)} val images", flush=True)
