@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.card import atomic_write_text, read_card
+from edge.card import atomic_write_text, card_path, read_card
 from benchmarks import hardware
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def bench(model_dir: Path, data_dir: Path, out_dir: Path, threads=(1, 2), runs: 
     macs = hardware.model_macs(model)
     data = export_data(data_dir, calib_n=2, max_parity=max_images)
     p_ref = keras_predict(model, data.images)
-    thr = read_card(keras_path).threshold if (keras_path.parent / (keras_path.name + ".card.json")).exists() else 0.5
+    thr = read_card(keras_path).threshold if card_path(keras_path).exists() else 0.5
     ref = M.binary_metrics(data.labels, p_ref, thr)
     log(f"{name}: {macs / 1e6:.1f} M MACs/image; accuracy on {data.title}")
     acc = {"keras": {"accuracy": ref["accuracy"], "f1": ref["f1"], "auc": ref["auc"], "delta_accuracy_pp": 0.0,
@@ -110,9 +110,8 @@ def bench(model_dir: Path, data_dir: Path, out_dir: Path, threads=(1, 2), runs: 
     int8_model = next((a for a in arts if a.name.endswith("_int8.tflite")), arts[0] if arts else None)
     e2e = None
     if int8_model is not None and e2e_images:
-        src = Path(load_prepared(data_dir).root / "report.json")
-        source = Path(json.loads(src.read_text())["source"])
         d = load_prepared(data_dir)
+        source = Path(json.loads((d.root / "report.json").read_text())["source"])
         idx = d.indices("test")[:e2e_images]
         files = [source / d.relpaths[i] for i in idx]
         if source.is_dir() and all(f.exists() for f in files[:5]):

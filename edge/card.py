@@ -13,6 +13,11 @@ CLASS_NAMES = ("Uninfected", "Parasitized")  # index 1 is the positive class, pr
 CARD_SUFFIX = ".card.json"
 
 
+def label_of(prob: float, threshold: float, class_names=CLASS_NAMES) -> str:
+    """The one decision rule: Parasitized when P(Parasitized) ≥ threshold."""
+    return class_names[int(prob >= threshold)]
+
+
 @dataclass
 class ModelCard:
     name: str

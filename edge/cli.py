@@ -84,7 +84,7 @@ def run_files(paths, model, thr, explainer, out, output, fmt, batch, panel, quie
         fh = open_output(output) if output else None
     except OSError as e:
         raise click.ClickException(f"cannot write {output}: {e.strerror or e}") from None
-    filewriter = Writer(fh, format_for(output, None)) if fh else None
+    filewriter = Writer(fh, format_for(output)) if fh else None
     n_ok = n_err = n_par = 0
     t0 = time.perf_counter()
     from tqdm import tqdm

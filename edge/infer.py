@@ -10,6 +10,7 @@ from typing import Iterator
 
 import numpy as np
 
+from edge.card import label_of
 from edge.images import ImageError, is_image_path, load_image
 from edge.preprocess import resize_rgb
 from edge.results import Row
@@ -77,6 +78,6 @@ def classify(items: list[Decoded], model: Loaded, threshold: float, explainer: L
             rows.append(Row(str(d.path), "", None, name, "error", d.error))
         else:
             p = float(probs[k])
-            rows.append(Row(str(d.path), model.card.class_names[int(p >= threshold)], p, name, "ok"))
+            rows.append(Row(str(d.path), label_of(p, threshold, model.card.class_names), p, name, "ok"))
             k += 1
     return rows, heat

@@ -1,11 +1,13 @@
 """Live mode: classify camera or video frames at an interval, save annotated frames and a results log."""
 from __future__ import annotations
 
-import cv2
-import click
 from pathlib import Path
 
+import click
+import cv2
+
 from edge.camera import CameraError, Source, frames, has_gui
+from edge.card import label_of
 from edge.gradcam import overlay, save_png
 from edge.preprocess import resize_rgb
 from edge.results import Row, Writer, open_output, summary
@@ -38,7 +40,7 @@ def run_live(src: Source, model: Loaded, thr: float, explainer: Loaded | None, o
             x = resize_rgb(rgb, model.size)[None]
             prob = float(model.predict(x)[0])
             heat = explainer.explain(x)[1][0] if explainer is not None else None
-            label = model.card.class_names[int(prob >= thr)]
+            label = label_of(prob, thr, model.card.class_names)
             name = f"frame_{n:06d}.png"
             annotated = overlay(rgb, heat, label, prob, panel=panel)
             save_png(out / "frames" / name, annotated)

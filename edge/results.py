@@ -56,9 +56,8 @@ class Writer:
             self.stream.flush()
 
 
-def format_for(path: Path, fmt: str | None) -> str:
-    if fmt and fmt != "table":
-        return fmt
+def format_for(path: Path) -> str:
+    """Output file format from its extension (CSV unless .jsonl/.ndjson/.json)."""
     ext = path.suffix.lower().lstrip(".")
     return {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "json": "json"}.get(ext, "csv")
 

@@ -64,7 +64,7 @@ def dequantize(x: np.ndarray, q: tuple[float, int]) -> np.ndarray:
     return x
 
 
-def load(path: str | Path, threads: int | None = None, card: ModelCard | None = None) -> Loaded:
+def load(path: str | Path, threads: int | None = None) -> Loaded:
     """Load an artifact and its card; every failure is a one-line ModelError."""
     path = Path(path)
     if not path.exists():
@@ -74,12 +74,11 @@ def load(path: str | Path, threads: int | None = None, card: ModelCard | None = 
     if path.stat().st_size == 0:
         raise ModelError(f"{path}: model file is empty")
     try:
-        card = card or read_card(path)
+        card = read_card(path)
     except CardError as e:
         raise ModelError(str(e)) from None
     loader = _load_tflite if path.suffix == ".tflite" else _load_onnx
-    loaded = loader(path, card, threads)
-    return loaded
+    return loader(path, card, threads)
 
 
 def load_classifier(path: str | Path, threads: int | None = None) -> Loaded:

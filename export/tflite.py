@@ -1,8 +1,6 @@
 """Keras → TFLite: fp32, fp16, dynamic-range int8 and full-integer int8 (int8 in and out)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import tensorflow as tf
 
@@ -33,10 +31,3 @@ def convert(fn, variant: str, calibration: np.ndarray | None = None) -> bytes:
         raise ValueError(f"unknown TFLite variant {variant!r} (one of {', '.join(VARIANTS)})")
     return conv.convert()
 
-
-def input_output_quant(path: Path) -> tuple[list, list, str]:
-    """(input (scale, zp), output (scale, zp), input dtype) read back from a .tflite file."""
-    from ai_edge_litert.interpreter import Interpreter
-    it = Interpreter(model_path=str(path))
-    i, o = it.get_input_details()[0], it.get_output_details()[0]
-    return list(i["quantization"]), list(o["quantization"]), np.dtype(i["dtype"]).name

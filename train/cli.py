@@ -4,6 +4,7 @@ TensorFlow is imported only inside the subcommands that need it, so `--help` and
 """
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -11,14 +12,13 @@ import click
 
 from edge.card import CardError
 from edge.images import ImageError
+from export.pipeline import FORMATS  # light: TensorFlow loads inside its functions
 
 _USER_ERRORS = (CardError, ImageError, FileNotFoundError)
 
 
 def _fail_cleanly(fn):
     """Turn the project's user-facing errors into one line and exit code 1, not a traceback."""
-    import functools
-
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         from train.data import DataError
@@ -222,8 +222,7 @@ def compare_cmd(models, figure):
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=Path("data/prepared"), show_default=True,
               help="Prepared data: calibration images come from its train split, parity from --parity-split.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option("--formats", default=",".join(("tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8",
-                                               "onnx-fp32", "onnx-int8")), show_default=True)
+@click.option("--formats", default=",".join(FORMATS), show_default=True)
 @click.option("--name", default=None, help="Artifact name prefix (default: the model card's name).")
 @click.option("--calib", default=300, show_default=True, help="Calibration images (stratified, train split).")
 @click.option("--parity-split", default="test", show_default=True)
@@ -241,7 +240,7 @@ def export_cmd(model_path, data_dir, out, formats, name, calib, parity_split, ma
     --min-agreement % of labels is reported as FAIL and the command exits 1.
     """
     from export.parity import Gate
-    from export.pipeline import FORMATS, ExplainerMismatch, export_data, export_model
+    from export.pipeline import ExplainerMismatch, export_data, export_model
     fmts = [f.strip() for f in formats.split(",") if f.strip()]
     bad = [f for f in fmts if f not in FORMATS]
     if bad:

@@ -1,14 +1,13 @@
 """Evaluate a model (.keras, or any exported artifact through the edge runtime) on a labelled set."""
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edge.card import CLASS_NAMES, atomic_write_text
+from edge.card import CLASS_NAMES, atomic_write_text, label_of
 from edge.images import ImageError
 from edge import metrics as M
 from train import plots
@@ -82,7 +81,7 @@ def evaluate(y, p, groups, threshold: float, out: Path | None, title: str, reps:
 def write_predictions(path: Path, ls: LabelledSet, p: np.ndarray, threshold: float) -> None:
     rows = ["path,true_label,prob_parasitized,predicted_label"]
     for r, y, pi in zip(ls.relpaths, ls.labels, p):
-        rows.append(f"{r},{CLASS_NAMES[int(y)]},{pi:.6f},{CLASS_NAMES[int(pi >= threshold)]}")
+        rows.append(f"{r},{CLASS_NAMES[int(y)]},{pi:.6f},{label_of(pi, threshold)}")
     atomic_write_text(path, "\n".join(rows) + "\n")
 
 
@@ -109,9 +108,3 @@ def classification_report(rep: dict) -> str:
 def save_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
-
-def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return (np.array([CLASS_NAMES.index(r["true_label"]) for r in rows]),
-            np.array([float(r["prob_parasitized"]) for r in rows]))

@@ -10,7 +10,6 @@ from pathlib import Path
 import keras
 from keras import layers
 
-RECIPES = ("cnn", "mobilenetv2-frozen", "mobilenetv2-finetune")
 GRADCAM_LAYER = {"cnn": "last_conv", "mobilenetv2": "out_relu"}
 
 
