@@ -7,6 +7,7 @@ same run. Writes Markdown, CSV, JSON and a PNG plot to the results folder.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -218,9 +219,9 @@ def write_results(out_dir: Path, name: str, res: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / f"{name}.json", json.dumps(res, indent=2, default=float) + "\n")
     atomic_write_text(out_dir / f"{name}.md", markdown(res))
-    with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".csv", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(res["rows"][0].keys()))
-        w.writeheader()
-        w.writerows(res["rows"])
-    os.replace(f.name, out_dir / f"{name}.csv")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(res["rows"][0].keys()), lineterminator="\n")
+    w.writeheader()
+    w.writerows(res["rows"])
+    atomic_write_text(out_dir / f"{name}.csv", buf.getvalue())
     plot(res, out_dir / f"{name}.png")

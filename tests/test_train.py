@@ -74,9 +74,45 @@ def test_training_batches_match_edge_preprocessing(prepared, cells):
 
 def test_augmentation_keeps_shape_and_range():
     from train.train import augment_batch
-    x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)).astype(np.float32)
+    x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     y = augment_batch(x, np.random.default_rng(1))
-    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 255 and not np.array_equal(x, y)
+    assert y.shape == x.shape and y.dtype == np.float32 and y.min() >= 0 and y.max() <= 255
+    assert not np.array_equal(x, y)
+
+
+def test_augmentation_is_a_rotation_or_flip_with_mild_colour_jitter():
+    """Each augmented cell is one of the 8 rotations/flips of its source, within the colour jitter."""
+    from train.train import augment_batch
+    x = np.random.default_rng(0).integers(0, 256, (16, 24, 24, 3), dtype=np.uint8)
+    y = augment_batch(x, np.random.default_rng(2))
+    for xi, yi in zip(x.astype(np.float32), y):
+        views = [np.rot90(xi, k)[:, ::-1] if f else np.rot90(xi, k) for k in range(4) for f in (False, True)]
+        errs = sorted(np.abs(v - yi).mean() for v in views)
+        assert errs[0] < 25 and errs[1] > 60  # one view matches (up to the jitter); unrelated pixels differ by ~85
+
+
+def test_time_budget_stops_training_after_an_epoch_and_says_so(prepared, tmp_path):
+    from train.data import load_prepared
+    from train.train import TrainConfig, train
+    _, info = train(load_prepared(prepared), TrainConfig(recipe="cnn", epochs=5, batch=16, verbose=0, workers=2,
+                                                          max_minutes=1e-4), tmp_path / "run")
+    assert info["epochs"] == 1 and info["stages"][0]["stopped_by"] == "time budget"
+    assert info["stages"][0]["backend"] == keras.backend.backend() and (tmp_path / "run" / "model.keras").exists()
+
+
+def test_rescoring_a_model_trained_elsewhere_keeps_its_training_record(tiny_model, prepared, tmp_path):
+    """`train --init M --epochs 0` (e.g. after a GPU run) scores the test split and keeps M's record."""
+    import shutil
+    from train.data import load_prepared
+    from train.train import TrainConfig, train
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_model.parent, run_dir)
+    record = json.loads((run_dir / "train_info.json").read_text())
+    record["stages"][0].update(backend="jax", device="NVIDIA H200")
+    (run_dir / "train_info.json").write_text(json.dumps(record))
+    _, info = train(load_prepared(prepared), TrainConfig(recipe="cnn", epochs=0, verbose=0,
+                                                          init=str(run_dir / "model.keras")), run_dir)
+    assert info == record
 
 
 def test_evaluate_cli_writes_json_and_predictions(tiny_model, prepared, tmp_path):
