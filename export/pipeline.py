@@ -14,7 +14,10 @@ from edge.runtime import load
 from export import parity as P
 
 FORMATS = ("tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8", "onnx-fp32", "onnx-int8")
-EXPLAINER_TOL = 1e-4
+# Maps are scaled to [0, 1] per image. On a cell whose channel terms nearly cancel (raw map max 650×
+# below the sum of |terms|, seen on the shipped CNN) float32 summation order alone moves the scaled
+# map by ~1e-4; a wrong gradient moves it by 0.1 or more.
+EXPLAINER_TOL = 1e-3
 
 
 @dataclass

@@ -112,6 +112,19 @@ def test_explainer_matches_gradienttape_in_both_formats(tiny_model, exported, pr
         assert h.min() >= 0 and h.max() <= 1 + 1e-6
 
 
+def test_explainer_that_disagrees_with_gradienttape_stops_the_export(tiny_model, prepared, tmp_path, monkeypatch):
+    """A wrong gradient moves the map by far more than the tolerance: the export refuses it."""
+    from export import graph
+    from export.pipeline import ExplainerMismatch, export_data, export_explainers
+    real = graph.gradcam_reference
+    monkeypatch.setattr(graph, "gradcam_reference", lambda *a, **k: (lambda p, h: (p, h[:, ::-1]))(*real(*a, **k)))
+    model = keras.models.load_model(tiny_model, compile=False)
+    card = read_card(tiny_model)
+    with pytest.raises(ExplainerMismatch, match="differs from the GradientTape reference"):
+        export_explainers(model, card, 128, tmp_path, "tiny", card, export_data(prepared, calib_n=8),
+                          log=lambda *_: None)
+
+
 def test_onnx_metadata_round_trip(exported):
     from export.onnx import get_metadata
     path = _artifact(exported, "onnx-int8")
