@@ -48,3 +48,15 @@ def test_unpacking_a_non_bundle_is_one_line_and_keeps_the_old_output(tmp_path):
     res = run(["-m", "train.cli", "data", "unpack", str(tmp_path / "junk.zip"), "--out", str(tmp_path / "out")])
     assert res.returncode == 1 and "not a bundle" in res.stderr and "Traceback" not in res.stderr
     assert (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_a_damaged_image_in_a_bundle_is_a_clear_error(prepared, tmp_path):
+    import zipfile
+    pack(prepared, tmp_path / "b.zip", splits=("val",), quality=None)
+    with zipfile.ZipFile(tmp_path / "b.zip") as src, zipfile.ZipFile(tmp_path / "bad.zip", "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            dst.writestr(item, data[: len(data) // 3] if item.filename == "images/0.webp" else data)
+    with pytest.raises(DataError, match="image 0 is damaged"):
+        unpack(tmp_path / "bad.zip", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

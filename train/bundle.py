@@ -50,35 +50,41 @@ def pack(prepared: Path, out: Path, splits=("train", "val"), quality: int | None
 
 
 def unpack(bundle: Path, out: Path, workers: int = 8) -> dict:
-    """Rebuild a prepared folder (manifest.csv, split.json, cache_<size>.npy) from a bundle."""
+    """Rebuild a prepared folder (manifest.csv, split.json, cache_<size>.npy) from a bundle.
+
+    Written into a staging folder and swapped in at the end: a bad bundle leaves `out` as it was.
+    """
     try:
-        z = zipfile.ZipFile(bundle)
-    except (OSError, zipfile.BadZipFile) as e:
-        raise DataError(f"{bundle}: not a bundle ({e})") from None
-    with z:
-        try:
+        with zipfile.ZipFile(bundle) as z:
             info = json.loads(z.read("bundle.json"))
-            manifest = z.read("manifest.csv").decode()
-            split = z.read("split.json")
-        except KeyError as e:
-            raise DataError(f"{bundle}: not a bundle (missing {e.args[0]})") from None
-        n, size = info["images"], info["size"]
-        staging = out.with_name(out.name + ".partial")
+            manifest, split = z.read("manifest.csv").decode(), z.read("split.json")
+            blobs = [z.read(f"images/{i}.webp") for i in range(info["images"])]
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError) as e:
+        raise DataError(f"{bundle}: not a bundle made by `data pack` ({type(e).__name__}: {e})") from None
+    n, size = info["images"], info["size"]
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        cache = np.lib.format.open_memmap(staging / f"cache_{size}.npy", mode="w+", dtype=np.uint8,
+                                          shape=(n, size, size, 3))
+
+        def decode(i):
+            try:
+                cache[i] = np.asarray(Image.open(io.BytesIO(blobs[i])).convert("RGB"))
+            except Exception as e:  # any decoder error is a damaged bundle
+                raise DataError(f"{bundle}: image {i} is damaged ({type(e).__name__})") from None
+
+        with ThreadPoolExecutor(workers) as ex:
+            list(ex.map(decode, range(n)))
+        cache.flush()
+        del cache
+        (staging / "manifest.csv").write_text(manifest)
+        (staging / "split.json").write_bytes(split)
+        (staging / "bundle.json").write_text(json.dumps(info, indent=2))
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        cache = np.lib.format.open_memmap(staging / f"cache_{size}.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-        blobs = [z.read(f"images/{i}.webp") for i in range(n)]
-
-    def decode(i):
-        cache[i] = np.asarray(Image.open(io.BytesIO(blobs[i])).convert("RGB"))
-
-    with ThreadPoolExecutor(workers) as ex:
-        list(ex.map(decode, range(n)))
-    cache.flush()
-    del cache
-    (staging / "manifest.csv").write_text(manifest)
-    (staging / "split.json").write_bytes(split)
-    (staging / "bundle.json").write_text(json.dumps(info, indent=2))
+        raise
     shutil.rmtree(out, ignore_errors=True)
     staging.replace(out)
     return info

@@ -161,7 +161,8 @@ def data_unpack(bundle, out):
 @click.option("--target-sensitivity", type=float, default=None,
               help="Set the card's threshold to reach this sensitivity on validation (default: 0.5).")
 @click.option("--init", type=click.Path(path_type=Path, exists=True), default=None,
-              help="Continue from this .keras (with --epochs 0: only the fine-tune stage).")
+              help="Continue from this .keras (--epochs 0: only the fine-tune stage; --epochs 0 --finetune-epochs 0: "
+                   "only score it, e.g. after training elsewhere).")
 @_fail_cleanly
 def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, weights, alpha, patience,
               max_minutes, workers, mixed_precision, max_train, target_sensitivity, init):
