@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from train.data import MANIFEST_FIELDS, DataError, load_prepared
+from train.data import DataError, load_prepared, manifest_text, staged
 
 
 def pack(prepared: Path, out: Path, splits=("train", "val"), quality: int | None = 95, workers: int = 4) -> dict:
@@ -40,7 +39,7 @@ def pack(prepared: Path, out: Path, splits=("train", "val"), quality: int | None
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z, ThreadPoolExecutor(workers) as ex:
         for i, blob in enumerate(ex.map(encode, rows)):
             z.writestr(f"images/{i}.webp", blob)
-        z.writestr("manifest.csv", _manifest_text([{**r, "index": str(i)} for i, r in enumerate(rows)]))
+        z.writestr("manifest.csv", manifest_text([{**r, "index": str(i)} for i, r in enumerate(rows)]))
         z.writestr("split.json", (Path(prepared) / "split.json").read_text())
         info = {"splits": list(splits), "images": len(rows), "size": int(d.images.shape[1]),
                 "encoding": "webp lossless" if quality is None else f"webp quality {quality}"}
@@ -50,10 +49,8 @@ def pack(prepared: Path, out: Path, splits=("train", "val"), quality: int | None
 
 
 def unpack(bundle: Path, out: Path, workers: int = 8) -> dict:
-    """Rebuild a prepared folder (manifest.csv, split.json, cache_<size>.npy) from a bundle.
-
-    Written into a staging folder and swapped in at the end: a bad bundle leaves `out` as it was.
-    """
+    """Rebuild a prepared folder (manifest.csv, split.json, cache_<size>.npy) from a bundle;
+    a bad bundle leaves `out` as it was."""
     try:
         with zipfile.ZipFile(bundle) as z:
             info = json.loads(z.read("bundle.json"))
@@ -62,10 +59,7 @@ def unpack(bundle: Path, out: Path, workers: int = 8) -> dict:
     except (OSError, zipfile.BadZipFile, KeyError, ValueError) as e:
         raise DataError(f"{bundle}: not a bundle made by `data pack` ({type(e).__name__}: {e})") from None
     n, size = info["images"], info["size"]
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged(out) as staging:
         cache = np.lib.format.open_memmap(staging / f"cache_{size}.npy", mode="w+", dtype=np.uint8,
                                           shape=(n, size, size, 3))
 
@@ -82,17 +76,5 @@ def unpack(bundle: Path, out: Path, workers: int = 8) -> dict:
         (staging / "manifest.csv").write_text(manifest)
         (staging / "split.json").write_bytes(split)
         (staging / "bundle.json").write_text(json.dumps(info, indent=2))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    staging.replace(out)
     return info
 
-
-def _manifest_text(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS)
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import shutil
 import stat
 import time
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path, PurePosixPath
@@ -132,10 +134,7 @@ def prepare(src: Path, out: Path, size: int = 128, seed: int = 0, split_kind: st
     src, out = Path(src), Path(out)
     items, ignored = scan_source(src)
     zip_path = str(src) if src.is_file() else None
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged(out) as staging:
         cache = np.lib.format.open_memmap(staging / f"cache_{size}.npy", mode="w+", dtype=np.uint8,
                                           shape=(len(items), size, size, 3))
         by_member = {it.member: it for it in items}
@@ -172,11 +171,8 @@ def prepare(src: Path, out: Path, size: int = 128, seed: int = 0, split_kind: st
             splits = splitlib.random_assign(n, fractions, seed)
         else:
             raise DataError(f"unknown split kind {split_kind!r} (patient or random)")
-        with open(staging / "manifest.csv", "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-            wr.writeheader()
-            for i, (r, s) in enumerate(zip(rows, splits)):
-                wr.writerow({"index": i, **r, "split": s})
+        (staging / "manifest.csv").write_text(
+            manifest_text([{"index": i, **r, "split": s} for i, (r, s) in enumerate(zip(rows, splits))]))
         (staging / "split.json").write_text(splitlib.split_json(split_kind, seed, fractions, relpaths, splits, labels, groups))
         report = {
             "source": str(src), "size": size, "images_found": len(items), "images_kept": n,
@@ -187,11 +183,30 @@ def prepare(src: Path, out: Path, size: int = 128, seed: int = 0, split_kind: st
             "seconds": round(time.time() - t0, 1),
         }
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        _swap_in(staging, out)
+    return report
+
+
+def manifest_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+@contextmanager
+def staged(out: Path):
+    """A fresh sibling folder to write into, swapped in for `out` only if the block completes:
+    an interrupted or failed run leaves the previous output as it was."""
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return report
+    _swap_in(staging, out)
 
 
 def _truncate_npy(path: Path, n: int, size: int) -> None:
@@ -202,7 +217,6 @@ def _truncate_npy(path: Path, n: int, size: int) -> None:
     offset = arr.offset
     del arr
     header_len = offset
-    import io
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (n, size, size, 3)})
     header = buf.getvalue()
