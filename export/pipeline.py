@@ -122,10 +122,11 @@ def export_model(keras_path: Path, out: Path, data: ExportData, formats=FORMATS,
         card = dataclasses.replace(base, format=kind, variant=variant, artifact_sha256=sha256_file(path),
                                    explainer=explainers.get(kind, ""))
         write_card(path, card)
-        loaded = load(path)
-        card.input_dtype, card.input_quant = loaded.input_dtype, _q(loaded.input_quant)
-        card.output_quant = _q(loaded.output_quant[0])
         row = P.check(fmt, path, data.labels, p_ref, data.images, gate, src_card.threshold)
+        if row.status != "error":  # an artifact the runtime cannot load is reported as an error row, not raised
+            loaded = load(path)
+            card.input_dtype, card.input_quant = loaded.input_dtype, _q(loaded.input_quant)
+            card.output_quant = _q(loaded.output_quant[0])
         card.parity = {"status": row.status, "reason": row.reason, "on": data.title, **row.metrics}
         if kind == "onnx":
             onnx_export.set_metadata(path, _onnx_props(card))
