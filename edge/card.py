@@ -32,6 +32,8 @@ class ModelCard:
     normalization: str = "raw RGB pixels 0..255; the model rescales inside the graph"
     class_names: tuple[str, ...] = CLASS_NAMES
     threshold: float = 0.5
+    # name → {threshold, rule, sensitivity, specificity, counts: {tp, fn, tn, fp} on validation, test: {...}}
+    operating_points: dict = field(default_factory=dict)
     gradcam_layer: str = ""
     weights_origin: str = ""
     split_hash: str = ""

@@ -101,6 +101,42 @@ def threshold_for_sensitivity(y, p, target: float) -> float:
     return float(pos[min(max(k, 0), len(pos) - 1)])
 
 
+def threshold_for_specificity(y, p, target: float) -> float:
+    """The lowest threshold whose specificity reaches target: counting favours specificity, since every
+    false positive inflates the parasitemia."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, float)
+    neg = np.sort(p[y == 0])
+    if len(neg) == 0:
+        raise ValueError("no negative samples to set a specificity operating point")
+    k = int(np.ceil(target * len(neg)))  # at least k negatives must fall below the threshold
+    if k >= len(neg):
+        return float(np.nextafter(neg[-1], np.inf))
+    return float(neg[k]) if k == 0 or neg[k] > neg[k - 1] else float(np.nextafter(neg[k], np.inf))
+
+
+# name → (rule, target): screening misses few infected cells, counting calls few healthy cells positive
+OPERATING_RULES = {"screening": ("sensitivity", 0.97), "counting": ("specificity", 0.995)}
+
+
+def operating_point(y, p, threshold: float, rule: str = "") -> dict:
+    """A threshold with the confusion counts it gives on (y, p): what a parasitemia correction needs."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, float)
+    pred = p >= threshold
+    tp, fn = int(np.sum(pred & (y == 1))), int(np.sum(~pred & (y == 1)))
+    tn, fp = int(np.sum(~pred & (y == 0))), int(np.sum(pred & (y == 0)))
+    return {"threshold": float(threshold), "rule": rule, "sensitivity": tp / max(1, tp + fn),
+            "specificity": tn / max(1, tn + fp), "counts": {"tp": tp, "fn": fn, "tn": tn, "fp": fp}}
+
+
+def operating_points(y, p, rules: dict = OPERATING_RULES) -> dict:
+    """Each named operating point, chosen on (y, p) — the validation split — with its counts there."""
+    out = {}
+    for name, (kind, target) in rules.items():
+        t = threshold_for_sensitivity(y, p, target) if kind == "sensitivity" else threshold_for_specificity(y, p, target)
+        out[name] = operating_point(y, p, t, f"{kind} >= {target} on validation")
+    return out
+
+
 def parity(y, p_ref, p_new, threshold: float = 0.5) -> dict:
     """How an artifact's predictions compare with the float reference on the same images."""
     y, p_ref, p_new = (np.asarray(a, float) for a in (y, p_ref, p_new))

@@ -1,0 +1,315 @@
+"""Find every red blood cell in a whole field photo (classical: OpenCV and NumPy, no model).
+
+The scale comes from the image: a first pass on a small preview estimates the cell diameter from
+the distance transform's peaks, then detection runs at a resolution where a cell is
+`DetectParams.work_diameter` pixels across, and boxes and masks are mapped back to full resolution.
+
+Steps at working resolution: the eyepiece disc (a bright disc on black, if any) bounds the field;
+cells are darker than the background in the green channel (Otsu inside the field; pale centres
+filled); touching cells are split by a seeded partition of the foreground, one seed per peak of the
+distance transform; each region is then accepted or rejected with a reason (cut by the image or
+eyepiece edge, too small for a red cell: platelet or debris, too large: an unsplit clump, or a white
+blood cell: a large share of nucleus-dark stain).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    """Every detection parameter, in one place. Sizes are relative to the cell diameter."""
+    cell_diameter: float | None = None  # px at full resolution; None: estimated from the image
+    work_diameter: float = 30.0  # cell diameter (px) at the working resolution
+    preview_side: int = 900  # longest side of the preview that estimates the scale
+    min_diameter: float = 8.0  # below this many px per cell at full resolution nothing is found
+    eyepiece_dark: float = 0.22  # pixels darker than this share of the bright field are outside the eyepiece
+    min_area: float = 0.30  # × median cell area: smaller regions are platelets or debris
+    max_area: float = 2.6  # × median cell area: larger regions are unsplit clumps
+    close_rings: float = 0.12  # × diameter: closing that mends rings broken at a pale centre
+    fill_holes: float = 0.6  # × cell area: holes up to this size (pale centres) are filled
+    seed_spacing: float = 0.55  # × radius: distance-transform peaks closer than this merge into one seed
+    seed_height: float = 0.45  # × radius: peaks lower than this seed no cell
+    edge_margin: int = 2  # working px: a region this close to the image or eyepiece edge touches it
+    whole_at_edge: float = 0.9  # × median cell area: a region touching an edge but this large is whole enough
+    nucleus_level: float = 0.5  # nucleus-dark: below (cell level − this × (background − cell level))
+    # Stain: a region mostly nucleus-dark (> stain_share), or partly (> wbc_dark_share) and larger than
+    # wbc_area, is a white cell, or a platelet clump when smaller than platelet_area.
+    # Red cells of cell size with a dark parasite in them stay red cells.
+    wbc_dark_share: float = 0.35
+    stain_share: float = 0.6
+    wbc_area: float = 1.3  # × median cell area
+    platelet_area: float = 0.6  # × median cell area
+    mask_dilate: float = 0.04  # × diameter: grow masks so the crop keeps the cell's rim
+    small_cell_px: float = 50.0  # warn when cells are smaller than this at full resolution
+
+
+@dataclass
+class Cell:
+    box: tuple[int, int, int, int]  # x, y, w, h at full resolution
+    mask: np.ndarray = field(repr=False)  # bool, h×w: the cell inside its box
+    centre: tuple[float, float]  # x, y at full resolution
+    area_px: float  # at full resolution
+    status: str = "ok"  # ok | cut | small | large | wbc | platelets
+
+
+@dataclass
+class Detection:
+    cells: list[Cell]  # every region, accepted (status ok) or rejected with its reason
+    diameter_px: float  # estimated (or given) cell diameter at full resolution
+    scale: float  # working resolution / full resolution
+    eyepiece: np.ndarray | None = field(default=None, repr=False)  # bool mask at working resolution
+    field_fraction: float = 1.0  # share of the image inside the eyepiece
+    threshold: float = 0.0  # the green-channel cut between cells and background
+    background_level: float = 0.0
+    cell_level: float = 0.0
+    note: str = ""  # why nothing was found, when nothing was
+
+    @property
+    def accepted(self) -> list[Cell]:
+        return [c for c in self.cells if c.status == "ok"]
+
+
+def _shrink(img: np.ndarray, scale: float) -> np.ndarray:
+    if scale >= 1:
+        return img
+    h, w = img.shape[:2]
+    return cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
+def eyepiece_mask(rgb: np.ndarray, p: DetectParams) -> np.ndarray:
+    """The bright field of view: everything not dark, as one filled region (the whole image if no disc)."""
+    v = rgb.max(axis=2)
+    bright = float(np.percentile(v, 95))
+    inside = (v > p.eyepiece_dark * bright).astype(np.uint8)
+    if inside.mean() > 0.97:
+        return np.ones(v.shape, bool)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(inside, connectivity=8)
+    if n <= 1:
+        return np.zeros(v.shape, bool)
+    big = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    disc = (lab == big).astype(np.uint8)
+    # close the disc's holes (dark stain, a white cell's nucleus) without leaking past its rim
+    k = max(3, int(0.02 * max(v.shape)) | 1)
+    disc = cv2.morphologyEx(disc, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    return _fill_holes(disc.astype(bool), max_area=None)
+
+
+def _fill_holes(mask: np.ndarray, max_area: float | None) -> np.ndarray:
+    """Fill background regions enclosed by the mask (all, or those up to max_area pixels)."""
+    inv = (~mask).astype(np.uint8)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(inv, connectivity=4)
+    if n <= 1:
+        return mask
+    h, w = mask.shape
+    x, y, bw, bh, area = (stats[:, i] for i in range(5))
+    touches = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
+    fill = ~touches
+    if max_area is not None:
+        fill &= area <= max_area
+    fill[0] = False
+    return mask | fill[lab]
+
+
+def _otsu(values: np.ndarray) -> float:
+    t, _ = cv2.threshold(values.reshape(-1, 1).astype(np.uint8), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return float(t)
+
+
+def estimate_diameter(fg: np.ndarray) -> float | None:
+    """Median cell diameter (px) from the distance transform's regional maxima: each cell, isolated or in
+    a clump, has one peak whose height is its radius."""
+    dt = cv2.distanceTransform(fg.astype(np.uint8), cv2.DIST_L2, 5)
+    if dt.max() < 2:
+        return None
+    peaks = (dt == cv2.dilate(dt, np.ones((5, 5), np.uint8))) & (dt >= 2)
+    vals = dt[peaks]
+    if len(vals) == 0:
+        return None
+    vals = vals[vals >= 0.5 * np.percentile(vals, 90)]  # edge ripples make low, spurious peaks
+    return float(2 * np.median(vals))
+
+
+def _foreground(rgb: np.ndarray, inside: np.ndarray, d: float) -> tuple[np.ndarray, float, float, float]:
+    """Cells differ in colour from the pale background between them (darker and more saturated under
+    Giemsa and most stains; pale centres less so). The background is estimated locally — the brightest
+    colour within a few cell diameters, smoothed — so uneven illumination and vignetting cancel; Otsu
+    then cuts the RGB distance from it."""
+    g = rgb[..., 1]
+    vals = g[inside]
+    if len(vals) < 100 or int(vals.max()) - int(vals.min()) < 10:
+        return np.zeros_like(inside), 0.0, 0.0, 0.0
+    k = max(3, int(2.5 * d) | 1)
+    src = np.where(inside[..., None], rgb, 0).astype(np.uint8)
+    local = cv2.dilate(src, cv2.getStructuringElement(cv2.MORPH_RECT, (k, k)))
+    local = cv2.blur(local, (k, k)).astype(np.float32)
+    dist = np.sqrt(((rgb.astype(np.float32) - local) ** 2).sum(axis=2))
+    t = _otsu(np.clip(dist[inside], 0, 255))
+    fg = (dist > t) & inside
+    bg_level = float(np.median(g[inside & ~fg])) if (inside & ~fg).any() else float(np.median(vals))
+    cell_level = float(np.median(g[fg])) if fg.any() else bg_level
+    return fg, t, bg_level, cell_level
+
+
+def detect(rgb: np.ndarray, params: DetectParams = DetectParams()) -> Detection:
+    """Every cell region in an RGB field, with full-resolution boxes and masks."""
+    p = params
+    H, W = rgb.shape[:2]
+    diameter = p.cell_diameter
+    if diameter is None:
+        pv_scale = min(1.0, p.preview_side / max(H, W))
+        pv = _shrink(rgb, pv_scale)
+        inside = eyepiece_mask(pv, p)
+        fg, *_ = _foreground(pv, inside, max(8.0, 0.02 * max(pv.shape)))
+        fg = _fill_holes(fg, max_area=0.02 * fg.size)
+        d = estimate_diameter(fg)
+        diameter = d / pv_scale if d else None
+    if not diameter or diameter < p.min_diameter:
+        return Detection([], float(diameter or 0), 1.0, note="no cells found (nothing cell-sized in the image)")
+    scale = min(1.0, p.work_diameter / diameter)
+    work = _shrink(rgb, scale)
+    inside = eyepiece_mask(work, p)
+    det = Detection([], float(diameter), scale, inside, float(inside.mean()))
+    fg, det.threshold, det.background_level, det.cell_level = _foreground(work, inside, p.work_diameter)
+    if not fg.any():
+        det.note = "no cells found (no contrast between cells and background)"
+        return det
+    d = diameter * scale
+    r = d / 2
+    cell_area = np.pi * r * r
+    k3 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+    fg = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_OPEN, k3)
+    kc = max(3, int(p.close_rings * d) | 1)  # close rings broken at a pale centre, so filling finds them
+    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (kc, kc))).astype(bool)
+    fg = _fill_holes(fg, p.fill_holes * cell_area)
+    labels, n = _split(fg, r, p)
+    if n == 0:
+        det.note = "no cells found"
+        return det
+    det.cells = _regions(rgb, work, labels, n, inside, det, p)
+    if not det.accepted:
+        det.note = "no plausible red cells found (every region was rejected)"
+    return det
+
+
+def _split(fg: np.ndarray, r: float, p: DetectParams) -> tuple[np.ndarray, int]:
+    """One label per cell: seeds at distance-transform peaks; each foreground pixel goes to its nearest
+    seed within its own connected component (touching round cells split along their neck)."""
+    fg8 = fg.astype(np.uint8)
+    ncc, cc = cv2.connectedComponents(fg8, connectivity=8)
+    dt = cv2.distanceTransform(fg8, cv2.DIST_L2, 5)
+    k = max(3, int(2 * p.seed_spacing * r) | 1)
+    peaks = (dt >= cv2.dilate(dt, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) - 1e-3)
+    peaks &= dt >= p.seed_height * r
+    # merge plateau pixels and near peaks into one seed
+    m = max(3, int(p.seed_spacing * r) | 1)
+    seeds = cv2.dilate(peaks.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (m, m))) & fg8
+    nseed, seed_lab = cv2.connectedComponents(seeds, connectivity=8)
+    if nseed <= 1:
+        return np.zeros(fg.shape, np.int32), 0
+    _, nearest = cv2.distanceTransformWithLabels((seeds == 0).astype(np.uint8), cv2.DIST_L2, 5,
+                                                 labelType=cv2.DIST_LABEL_CCOMP)
+    ys, xs = np.nonzero(seeds)
+    seed_ids = seed_lab[ys, xs]
+    remap = np.zeros(int(nearest.max()) + 1, np.int32)  # nearest's labels → seed labels, read at the seeds
+    remap[nearest[ys, xs]] = seed_ids
+    lab = remap[nearest]
+    # the component each seed belongs to: that of its deepest pixel (a seed may straddle two)
+    seed_cc = np.zeros(nseed, np.int32)
+    best = np.full(nseed, -1.0)
+    np.maximum.at(best, seed_ids, dt[ys, xs])
+    at = dt[ys, xs] == best[seed_ids]
+    seed_cc[seed_ids[at]] = cc[ys[at], xs[at]]
+    lab = np.where(fg & (seed_cc[lab] == cc), lab, 0)
+    return lab.astype(np.int32), nseed - 1
+
+
+def _regions(rgb, work, labels, n, inside, det: Detection, p: DetectParams) -> list[Cell]:
+    H, W = rgb.shape[:2]
+    h, w = labels.shape
+    s = det.scale
+    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    present = np.nonzero(areas[1:])[0] + 1
+    if len(present) == 0:
+        return []
+    # the typical cell: median area of the regions that are neither tiny nor huge
+    a = areas[present]
+    med = float(np.median(a[(a > 0.3 * np.median(a)) & (a < 3 * np.median(a))])) if len(a) else 1.0
+    outside = ~inside
+    edge = np.zeros((h, w), bool)
+    e = p.edge_margin
+    edge[:e, :] = edge[-e:, :] = edge[:, :e] = edge[:, -e:] = True
+    if outside.any():
+        edge |= cv2.dilate(outside.astype(np.uint8), np.ones((2 * e + 1, 2 * e + 1), np.uint8)).astype(bool)
+    cut_ids = set(np.unique(labels[edge]).tolist()) - {0}
+    green = work[..., 1].astype(np.float32)
+    dark_t = det.cell_level - p.nucleus_level * (det.background_level - det.cell_level)
+    dark = np.bincount(labels.ravel(), weights=(green < dark_t).ravel(), minlength=n + 1)
+    slices = _bboxes(labels, n)
+    grow = max(0, round(p.mask_dilate * det.diameter_px))
+    cells = []
+    for k in present:
+        y0, y1, x0, x1 = slices[k]
+        sub = labels[y0:y1, x0:x1] == k
+        ys, xs = np.nonzero(sub)
+        cy, cx = (ys.mean() + y0 + 0.5) / s, (xs.mean() + x0 + 0.5) / s
+        status = "ok"
+        if k in cut_ids and areas[k] < p.whole_at_edge * med:
+            status = "cut"
+        elif areas[k] < p.min_area * med:
+            status = "small"
+        elif dark[k] > p.stain_share * areas[k] or (dark[k] > p.wbc_dark_share * areas[k] and
+                                                      areas[k] > p.wbc_area * med):
+            status = "wbc" if areas[k] > p.platelet_area * med else "platelets"
+        elif areas[k] > p.max_area * med:
+            status = "large"
+        # full-resolution box and mask: the working-res mask (1 px padding) resized up
+        X0, Y0 = max(0, int((x0 - 1) / s)), max(0, int((y0 - 1) / s))
+        X1, Y1 = min(W, int(np.ceil((x1 + 1) / s))), min(H, int(np.ceil((y1 + 1) / s)))
+        pad = np.zeros((y1 - y0 + 2, x1 - x0 + 2), np.float32)
+        pad[1:-1, 1:-1] = sub
+        px0, py0 = (x0 - 1) / s, (y0 - 1) / s  # full-res origin of the padded patch
+        M = np.float32([[s, 0, (X0 - px0) * s], [0, s, (Y0 - py0) * s]])
+        full = cv2.warpAffine(pad, M, (X1 - X0, Y1 - Y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP) > 0.5
+        if grow and status == "ok":
+            full = cv2.dilate(full.astype(np.uint8), cv2.getStructuringElement(
+                cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)), borderType=cv2.BORDER_CONSTANT,
+                borderValue=0).astype(bool)
+        fy, fx = np.nonzero(full)
+        if len(fy) == 0:
+            continue
+        bx0, bx1, by0, by1 = fx.min(), fx.max() + 1, fy.min(), fy.max() + 1
+        box = (X0 + int(bx0), Y0 + int(by0), int(bx1 - bx0), int(by1 - by0))
+        cells.append(Cell(box, full[by0:by1, bx0:bx1], (float(cx), float(cy)), float(areas[k] / s / s), status))
+    return cells
+
+
+def _bboxes(labels: np.ndarray, n: int) -> dict[int, tuple[int, int, int, int]]:
+    """(y0, y1, x0, x1) of each label, in one pass."""
+    ys, xs = np.nonzero(labels)
+    ids = labels[ys, xs]
+    out = {}
+    if len(ids) == 0:
+        return out
+    y0 = np.full(n + 1, 1 << 30)
+    x0 = np.full(n + 1, 1 << 30)
+    y1 = np.full(n + 1, -1)
+    x1 = np.full(n + 1, -1)
+    np.minimum.at(y0, ids, ys)
+    np.minimum.at(x0, ids, xs)
+    np.maximum.at(y1, ids, ys)
+    np.maximum.at(x1, ids, xs)
+    for k in np.unique(ids):
+        out[int(k)] = (int(y0[k]), int(y1[k]) + 1, int(x0[k]), int(x1[k]) + 1)
+    return out
+
+
+def crop(rgb: np.ndarray, cell: Cell) -> np.ndarray:
+    """The cell at full resolution in its tight box, background set to black (as the NIH crops are)."""
+    x, y, w, h = cell.box
+    c = rgb[y:y + h, x:x + w].copy()
+    c[~cell.mask] = 0
+    return c
