@@ -37,8 +37,20 @@ from edge.runtime import ModelError, default_model, load_classifier, load_explai
 @click.option("--retry-wait", default=1.0, show_default=True, help="Live: seconds between reconnect attempts.")
 @click.option("--show", is_flag=True, help="Live: show a window (needs a display and a GUI OpenCV; q quits).")
 @click.option("--quiet", "-q", is_flag=True, help="No per-image rows on the terminal, only the summary.")
+@click.option("--field", "field_mode", is_flag=True,
+              help="Whole fields: find every red cell, classify each, and count a corrected parasitemia over the "
+                   "session (files, --video or --camera). Writes a session folder into --out.")
+@click.option("--target-cells", type=click.IntRange(1), default=2000, show_default=True,
+              help="Field: red cells to count; live runs stop there.")
+@click.option("--operating-point", default=None,
+              help="A named operating point of the model card (screening, counting). Field default: counting.")
+@click.option("--rbc-per-ul", type=float, default=5e6, show_default=True,
+              help="Field: the patient's red cells per µL, for parasites/µL.")
+@click.option("--cell-diameter", type=float, default=None,
+              help="Field: red-cell diameter in pixels (default: estimated from each image).")
 def main(paths, model_path, camera, video, gradcam, panel, out, output, fmt, threshold, threads, batch, interval,
-         max_frames, retries, retry_wait, show, quiet):
+         max_frames, retries, retry_wait, show, quiet, field_mode, target_cells, operating_point, rbc_per_ul,
+         cell_diameter):
     """Classify blood-cell images as Parasitized or Uninfected.
 
     \b
@@ -52,16 +64,31 @@ def main(paths, model_path, camera, video, gradcam, panel, out, output, fmt, thr
       edge-infer cells/ -q --output results.csv
       edge-infer --camera 0 --gradcam --interval 2
       edge-infer --video smear.mp4 --max-frames 50
+      edge-infer --field examples/field/ --out runs/fields --output runs/cells.csv
+      edge-infer --field --camera 0 --interval 3 --target-cells 2000
     """
     if sum(bool(x) for x in (paths, camera is not None, video is not None)) != 1:
         raise click.UsageError("give image PATHS, or --camera, or --video (one of them)")
     if batch < 1:
         raise click.UsageError("--batch must be at least 1")
+    if output is not None and output.is_dir():
+        raise click.UsageError(f"--output {output} is a folder: --output is the results file (.csv/.jsonl/.json); "
+                               "--out is the folder for pictures and reports")
     try:
-        model = load_classifier(model_path or default_model(), threads)
-        explainer = load_explainer_for(model, threads) if gradcam else None
+        model = load_classifier(model_path or default_model("field" if field_mode else "cell"), threads)
+        explainer = load_explainer_for(model, threads) if gradcam or (field_mode and model.card.explainer) else None
+        if field_mode:
+            from edge.field import operating_point as op_of
+            op_thr, counts = op_of(model, operating_point or "counting")
+        elif operating_point:
+            from edge.field import operating_point as op_of
+            threshold = op_of(model, operating_point)[0] if threshold is None else threshold
     except (ModelError, CardError) as e:
         raise click.ClickException(str(e)) from None
+    if field_mode:
+        sys.exit(run_field(list(paths), camera, video, model, explainer, out, output, threshold or op_thr, counts,
+                           operating_point or "counting", target_cells, rbc_per_ul, cell_diameter, batch, interval,
+                           show, retries, retry_wait))
     thr = model.card.threshold if threshold is None else threshold
     if not 0 < thr < 1:
         raise click.UsageError("--threshold must be between 0 and 1")
@@ -120,6 +147,55 @@ def run_files(paths, model, thr, explainer, out, output, fmt, batch, panel, quie
     if explainer is not None:
         click.echo(f"Grad-CAM overlays in {out}/", err=True)
     return 1 if n_err else 0
+
+
+def run_field(paths, camera, video, model, explainer, out, output, thr, counts, op_name, target_cells, rbc_per_ul,
+              cell_diameter, batch, interval, show, retries, retry_wait) -> int:
+    from edge.detect import DetectParams
+    from edge.field import FieldOptions
+    from edge.fieldrun import file_items, frame_items, run_session
+    from edge.infer import expand_paths
+    if not 0 < thr < 1:
+        raise click.UsageError("--threshold must be between 0 and 1")
+    opts = FieldOptions(thr, counts, op_name, target_cells, rbc_per_ul, batch, DetectParams(cell_diameter=cell_diameter))
+    live = camera is not None or video is not None
+    if live:
+        from edge.camera import CameraError, Source, frames, has_gui, parse_camera
+        src = Source(str(video), is_file=True) if video is not None else parse_camera(camera)
+        if show and not has_gui():
+            click.echo("no display or no GUI in this OpenCV build (headless): running without a window", err=True)
+            show = False
+        items = frame_items(frames(src, retries, retry_wait, log=lambda m: click.echo(m, err=True)), interval, show)
+    else:
+        files = expand_paths(paths)
+        if not files:
+            raise click.ClickException("no image files found in " + ", ".join(paths))
+        items = file_items(files)
+    try:
+        session, sdir, code = run_session(items, model, explainer, opts, out, output, stop_at_target=live,
+                                          keep_frames=live)
+    except OSError as e:
+        raise click.ClickException(f"cannot write results: {e.strerror or e}") from None
+    except Exception as e:
+        if live and type(e).__name__ == "CameraError":
+            click.echo(f"error: {e}", err=True)
+            return 1
+        raise
+    if live and not session.fields:
+        click.echo(f"error: {src.describe()} gave no frames", err=True)
+        code = code or 1
+    e = session.estimate()
+    lo, hi = e.parasitemia_ci95
+    pct = "n/a" if e.rbc_count == 0 else f"{e.parasitemia_percent:.2f}% (95% interval {lo:.2f}-{hi:.2f}%)"
+    click.echo(f"parasitemia {pct}; {e.positive_count} of {e.rbc_count} red cells called parasitized "
+               f"(raw {e.raw_percent:.2f}%); target {opts.target_cells} "
+               f"{'reached' if session.target_reached else 'NOT reached'}; "
+               f"{sum(f.status != 'ok' for f in session.fields)} of {len(session.fields)} fields not counted")
+    click.echo(f"report: {sdir / 'report.html'}", err=True)
+    if e.rbc_count == 0:
+        click.echo("no red cells were counted: nothing plausible found in these images", err=True)
+        code = code or 1
+    return code
 
 
 def overlay_name(path: Path) -> str:

@@ -53,6 +53,7 @@ class Cell:
     mask: np.ndarray = field(repr=False)  # bool, h×w: the cell inside its box
     centre: tuple[float, float]  # x, y at full resolution
     area_px: float  # at full resolution
+    roundness: float  # 4πA/P² at working resolution: 1 for a disc
     status: str = "ok"  # ok | cut | small | large | wbc | platelets
 
 
@@ -283,7 +284,11 @@ def _regions(rgb, work, labels, n, inside, det: Detection, p: DetectParams) -> l
             continue
         bx0, bx1, by0, by1 = fx.min(), fx.max() + 1, fy.min(), fy.max() + 1
         box = (X0 + int(bx0), Y0 + int(by0), int(bx1 - bx0), int(by1 - by0))
-        cells.append(Cell(box, full[by0:by1, bx0:bx1], (float(cx), float(cy)), float(areas[k] / s / s), status))
+        cs, _ = cv2.findContours(sub.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        perim = sum(cv2.arcLength(c, True) for c in cs)
+        round_ = float(min(1.0, 4 * np.pi * areas[k] / perim ** 2)) if perim else 0.0
+        cells.append(Cell(box, full[by0:by1, bx0:bx1], (float(cx), float(cy)), float(areas[k] / s / s), round_,
+                          status))
     return cells
 
 

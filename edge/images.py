@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # A cell crop is a few hundred pixels wide; a field image a few thousand. Anything past this is
@@ -55,6 +55,7 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS)
             if w < 1 or h < 1:
                 raise ImageError(f"{name}: image has no pixels")
             img.load()
+            img = ImageOps.exif_transpose(img)  # as displayed: phone photos through an eyepiece are rotated
     except ImageError:
         raise
     except UnidentifiedImageError:

@@ -39,11 +39,17 @@ class Decoded:
     error: str = ""
 
 
+FIELD_PIXELS = 36  # × the model's input area: an image this large is many cells, not one
+
+
 def _decode(path: Path, size: int, keep: bool) -> Decoded:
     try:
         rgb = load_image(path)
     except ImageError as e:
         return Decoded(path, None, None, str(e).removeprefix(f"{path}: "))
+    h, w = rgb.shape[:2]
+    if h * w > FIELD_PIXELS * size * size:
+        return Decoded(path, None, None, f"{w}x{h} px looks like a whole field, not one cell: use --field")
     return Decoded(path, rgb if keep else None, resize_rgb(rgb, size))
 
 

@@ -5,8 +5,9 @@ The raw share of positive calls overstates a low parasitemia: at specificity 0.9
 as ~5%. Rogan–Gladen inverts the confusion matrix: p = (q + Sp − 1) / (Se + Sp − 1), where q is the
 positive share and Se, Sp were measured on validation (their counts are in the model card). The
 interval comes from Monte Carlo over Jeffreys posteriors of q, Se and Sp (a fixed seed, so a result
-is reproducible); the estimate and its bounds are clamped to [0, 100] %. With no positive call at all
-the upper bound is the rule of three, divided by the sensitivity: 3 / (n · Se).
+is reproducible); the estimate and its bounds are clamped to [0, 100] %. With no positive call at all,
+or no more than false positives explain, the upper bound is at least the rule of three divided by the
+sensitivity: 3 / (n · Se).
 """
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL
     if positive == 0:
         lo, hi = 0.0, min(1.0, 3.0 / (n * se))
         method = "no positive call: 0, upper bound by the rule of three over sensitivity, 3/(n*Se)"
+    elif point == 0:  # no more positives than false positives explain: as uncertain as finding none
+        hi = max(hi, min(1.0, 3.0 / (n * se)))
     lo, hi = min(lo, point), max(hi, point)
     pct = (100 * point, (100 * lo, 100 * hi))
     return Estimate(n, positive, 100 * q, pct[0], pct[1], point * rbc_per_ul, (lo * rbc_per_ul, hi * rbc_per_ul),

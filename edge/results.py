@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 FIELDS = ["path", "label", "prob_parasitized", "model", "status", "error"]
+# field mode: one row per detected cell; box = [x, y, w, h] in pixels of the image as displayed
+CELL_FIELDS = ["path", "cell", "box", "image_width", "image_height", "label", "prob_parasitized", "status"]
 
 
 @dataclass
@@ -27,19 +29,21 @@ class Row:
 class Writer:
     """One output stream in one format; `write` flushes, so every finished batch is on disk."""
 
-    def __init__(self, stream, fmt: str):
+    def __init__(self, stream, fmt: str, fields: list[str] = FIELDS):
         self.stream, self.fmt, self.rows = stream, fmt, []
-        self._csv = csv.DictWriter(stream, fieldnames=FIELDS) if fmt == "csv" else None
+        self._csv = csv.DictWriter(stream, fieldnames=fields) if fmt == "csv" else None
         if self._csv:
             self._csv.writeheader()
         if fmt == "table":
             stream.write(f"{'label':<12} {'p(parasitized)':>14}  {'status':<6} path\n")
 
-    def write(self, rows: list[Row]) -> None:
+    def write(self, rows: list) -> None:
+        """Row objects, or plain dicts (field mode's cell rows)."""
         for r in rows:
-            d = r.as_dict()
+            d = r if isinstance(r, dict) else r.as_dict()
             if self.fmt == "csv":
-                self._csv.writerow({k: "" if v is None else v for k, v in d.items()})
+                self._csv.writerow({k: "" if v is None else json.dumps(v) if isinstance(v, list) else v
+                                    for k, v in d.items()})
             elif self.fmt == "jsonl":
                 self.stream.write(json.dumps(d) + "\n")
             elif self.fmt == "table":

@@ -177,10 +177,10 @@ def models_dirs() -> list[Path]:
     return dirs
 
 
-def default_model() -> Path:
-    """The best shipped int8 model, named in models/default.txt."""
+def default_model(mode: str = "cell") -> Path:
+    """The shipped int8 model for cells (models/default.txt) or fields (models/default_field.txt)."""
     for d in models_dirs():
-        pointer = d / "default.txt"
+        pointer = d / ("default_field.txt" if mode == "field" else "default.txt")
         if pointer.exists():
             path = d / pointer.read_text().strip()
             if path.exists():

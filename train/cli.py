@@ -203,13 +203,16 @@ def _ci(m, k):
 @click.option("--threshold", type=float, default=None, help="Default: the model card's threshold, else 0.5.")
 @click.option("--target-sensitivity", type=float, default=None,
               help="Pick the threshold reaching this sensitivity on the validation split (needs --data-dir).")
-@click.option("--update-card", is_flag=True, help="Write the chosen threshold into the model card.")
+@click.option("--operating-points", is_flag=True,
+              help="Set the named operating points (screening: sensitivity >= 0.97, counting: specificity >= 0.995) "
+                   "on the validation split, with their confusion counts and test-split rates.")
+@click.option("--update-card", is_flag=True, help="Write the chosen threshold (or operating points) into the model card.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write metrics JSON here.")
 @click.option("--predictions", type=click.Path(path_type=Path), default=None, help="Write one CSV row per image here.")
 @click.option("--plots", type=click.Path(path_type=Path), default=None, help="Folder for confusion matrix and ROC PNGs.")
 @_fail_cleanly
-def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitivity, update_card, json_path,
-                 predictions, plots):
+def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitivity, operating_points, update_card,
+                 json_path, predictions, plots):
     """Accuracy, precision, recall, specificity, F1, AUC, MCC with patient-bootstrap 95% CIs.
 
     MODEL_PATH is a .keras file or an exported .tflite/.onnx (run through the edge runtime).
@@ -224,6 +227,20 @@ def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitiv
         card = None
     if threshold is None:
         threshold = card.threshold if card else 0.5
+    if operating_points:
+        from train.evaluate import set_operating_points
+        ops = set_operating_points(model_path, data_dir)
+        for name, op in ops.items():
+            t = op.get("test", {})
+            click.echo(f"{name}: threshold {op['threshold']:.4f} ({op['rule']}); validation sensitivity "
+                       f"{op['sensitivity']:.4f}, specificity {op['specificity']:.4f}, counts {op['counts']}"
+                       + (f"; test sensitivity {t['sensitivity']:.4f} {t['ci95']['sensitivity']}, specificity "
+                          f"{t['specificity']:.4f} {t['ci95']['specificity']}" if t else ""))
+        if update_card and card:
+            card.operating_points = ops
+            write_card(model_path, card)
+            click.echo(f"operating points written to {model_path.name}'s card")
+        return
     if target_sensitivity is not None:
         val = from_prepared(data_dir, "val")
         threshold = threshold_for_sensitivity(val.labels, predict_file(model_path, val.images), target_sensitivity)
@@ -317,6 +334,27 @@ def bench_cmd(model_dirs, data_dir, out, threads, runs, budget_s, max_images, e2
         res = bench(d, data_dir, out, tuple(int(t) for t in threads.split(",")), runs, budget_s, max_images,
                     e2e_images, log=click.echo)
         click.echo(markdown(res))
+
+
+@main.command("bench-fields")
+@click.option("--model", "model_path", type=click.Path(path_type=Path, exists=True), default=None,
+              help="Classifier artifact (default: the shipped field model).")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=Path("data/prepared"), show_default=True)
+@click.option("--crops", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              default=Path("../shared/data/nih_malaria_dev"), show_default=True,
+              help="The folder `data prepare` read (the crops synthetic fields are built from).")
+@click.option("--fields", "fields_root", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              default=Path("../shared/data/nih_fields/239C12NThinF"), show_default=True,
+              help="Real fields: Img/*.jpg with GT/*.txt point sets.")
+@click.option("--sessions", default=200, show_default=True, help="Simulated sessions per parasitemia level.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)
+@_fail_cleanly
+def bench_fields_cmd(model_path, data_dir, crops, fields_root, sessions, out):
+    """Field mode: detection on real fields, corrected counts on simulated sessions, fields/s."""
+    from benchmarks.fields import markdown, run
+    from edge.runtime import default_model
+    res = run(model_path or default_model("field"), data_dir, crops, fields_root, out, sessions, log=click.echo)
+    click.echo(markdown(res))
 
 
 if __name__ == "__main__":

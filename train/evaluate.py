@@ -108,3 +108,22 @@ def classification_report(rep: dict) -> str:
 def save_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
+
+
+def set_operating_points(model_path: Path, data_dir: Path) -> dict:
+    """Operating points chosen on the validation split with this very artifact (an int8 model's own
+    probabilities), plus the test split's sensitivity and specificity at each, with patient-bootstrap CIs."""
+    val = from_prepared(data_dir, "val")
+    ops = M.operating_points(val.labels, predict_file(model_path, val.images))
+    try:
+        test = from_prepared(data_dir, "test")
+    except ValueError:
+        return ops
+    p = predict_file(model_path, test.images)
+    for op in ops.values():
+        r = M.report(test.labels, p, test.groups, op["threshold"], reps=500)
+        op["test"] = {"n": r["n"], "n_groups": r["n_groups"], "sensitivity": r["recall"],
+                      "specificity": r["specificity"],
+                      "ci95": {"sensitivity": [round(v, 4) for v in r["ci95"]["recall"]],
+                               "specificity": [round(v, 4) for v in r["ci95"]["specificity"]]}}
+    return ops

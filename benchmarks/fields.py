@@ -1,0 +1,226 @@
+"""Field mode measured: detection on the real NIH fields, counts on synthetic sessions of known
+parasitemia, and speed per field. Results go to benchmarks/results/fields.{md,json}.
+
+Synthetic sessions are built in two steps so that 600 sessions of 2,000 cells stay affordable on two
+cores: (1) fields composed from the test split's crops (one patient group per field) go through the
+whole pipeline — detection, crops cut by the detector, classification — and every ground-truth cell the
+detector found keeps its true label and the probability the classifier gave its re-cut crop; (2) each
+session draws 2,000 of those cells at the chosen parasitemia and is counted and corrected like a real one.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge.card import atomic_write_text
+from edge.detect import detect
+from edge.field import FieldOptions, analyze, operating_point
+from edge.images import load_image
+from edge.parasitemia import estimate
+from edge.runtime import load_classifier
+from train.fieldscore import GTPoint, _inside, exif_orientation, read_point_set, score
+from train.synthetic import SynthParams, load_crops, make_field
+
+VARIANTS = [dict(), dict(blur=2.0), dict(scale=0.5), dict(eyepiece=True), dict(scale=0.35, blur=1.0),
+            dict(spacing=(0.75, 0.95))]
+
+
+def real_fields(root: Path, model, opts: FieldOptions, log=print) -> dict:
+    out, tot, tot_core = [], None, None
+    session_pos = session_n = 0
+    for img in sorted((root / "Img").glob("*.jpg")):
+        t0 = time.perf_counter()
+        rgb = load_image(img)
+        t_dec = time.perf_counter() - t0
+        res = analyze(rgb, str(img), model, opts)
+        det = res.detection
+        pts = read_point_set(root / "GT" / f"{img.stem}.txt", exif_orientation(img))
+        s = score(det.cells, pts, det.eyepiece, det.scale)
+        r = max(1, int(det.diameter_px * det.scale / 2))
+        core = cv2.erode(det.eyepiece.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2))
+        s_core = score(det.cells, pts, core.astype(bool), det.scale)
+        # every annotated red cell classified: the call on the detection that holds its point
+        ok = [(c, call) for c, call in zip(det.cells, res.cells) if c.status == "ok"]
+        called = [next((call.label for c, call in ok if _inside(c, p.x, p.y)), "") for p in pts
+                  if p.label != "White_Blood_Cell"]
+        wbc = [p for p in pts if p.label == "White_Blood_Cell"]
+        wbc_kept = sum(any(_inside(c, p.x, p.y) for c, _ in ok) for p in wbc)
+        row = {"field": img.name, **s.as_dict(), "precision_whole_cells": s_core.precision,
+               "detections_whole_cells": s_core.detections, "wbc_gt": len(wbc), "wbc_counted_as_rbc": wbc_kept,
+               "annotated_classified": sum(bool(c) for c in called),
+               "annotated_called_parasitized": called.count("Parasitized"),
+               "rbc_counted": res.rbc, "positive": res.positive, "quality": res.quality,
+               "seconds": {"decode": round(t_dec, 3), **res.seconds}, "status": res.status}
+        out.append(row)
+        session_pos += res.positive
+        session_n += res.rbc
+        tot = s.__dict__.copy() if tot is None else {k: tot[k] + v for k, v in s.__dict__.items()}
+        tot_core = (s_core.__dict__.copy() if tot_core is None
+                    else {k: tot_core[k] + v for k, v in s_core.__dict__.items()})
+        log(f"  {img.name}: recall {s.recall:.4f}, precision {s.precision:.4f} ({s_core.precision:.4f} whole cells), "
+            f"{res.positive}/{res.rbc} positive, {row['seconds']}")
+    e = estimate(session_pos, session_n, opts.counts)
+    return {"fields": out, "gt": tot["gt"], "found": tot["found"], "recall": tot["found"] / tot["gt"],
+            "detections": tot["detections"], "precision": tot["correct"] / tot["detections"],
+            "precision_whole_cells": tot_core["correct"] / tot_core["detections"],
+            "annotated_classified": sum(r["annotated_classified"] for r in out),
+            "annotated_called_parasitized": sum(r["annotated_called_parasitized"] for r in out),
+            "session": e.as_dict()}
+
+
+def synthetic_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, fields_per_group: int = 2,
+                   log=print) -> dict:
+    """Run fields composed from each test group through the pipeline; keep (true label, prob) per found cell."""
+    from train.data import load_prepared
+    d = load_prepared(data_dir)
+    idx = d.indices("test")
+    groups = load_crops(crops_root, [d.relpaths[i] for i in idx], [int(d.labels[i]) for i in idx],
+                        [d.groups[i] for i in idx])
+    labels, probs, recalls, n_gt, n_found, n_det, n_correct = [], [], [], 0, 0, 0, 0
+    k = 0
+    for g, (pos, neg) in sorted(groups.items()):
+        if not pos or not neg:
+            continue
+        for j in range(fields_per_group):
+            # half the cells infected, so the pool has enough of both classes
+            p = SynthParams(parasitemia=0.5, seed=1000 + k, **VARIANTS[k % len(VARIANTS)])
+            k += 1
+            f = make_field(pos, neg, p)
+            res = analyze(f.rgb, f"synthetic {g} #{j}", model, opts)
+            det = res.detection
+            pts = [GTPoint(t.x, t.y, t.label) for t in f.truth]
+            s = score(det.cells, pts)
+            n_gt, n_found, n_det, n_correct = n_gt + s.gt, n_found + s.found, n_det + s.detections, n_correct + s.correct
+            ok = [(c, call) for c, call in zip(det.cells, res.cells) if c.status == "ok" and call.prob_parasitized is not None]
+            for t in f.red_cells:
+                hits = [call for c, call in ok if _inside(c, t.x, t.y)]
+                if len(hits) == 1:
+                    labels.append(int(t.label == "Parasitized"))
+                    probs.append(hits[0].prob_parasitized)
+            recalls.append(s.recall)
+    log(f"  synthetic pool: {k} fields, detection recall {n_found / n_gt:.4f}, precision {n_correct / n_det:.4f}, "
+        f"{len(labels)} cells ({sum(labels)} infected)")
+    return {"fields": k, "gt": n_gt, "recall": n_found / n_gt, "precision": n_correct / n_det,
+            "labels": np.array(labels), "probs": np.array(probs)}
+
+
+def simulate_sessions(pool: dict, opts: FieldOptions, levels=(0.005, 0.02, 0.05), sessions: int = 200,
+                      n_cells: int = 2000, seed: int = 0) -> list[dict]:
+    y, p = pool["labels"], pool["probs"]
+    pos, neg = p[y == 1], p[y == 0]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for pi in levels:
+        err, raw_err, cover, raw_cover = [], [], [], []
+        for _ in range(sessions):
+            n_inf = rng.binomial(n_cells, pi)
+            calls = np.concatenate([rng.choice(pos, n_inf), rng.choice(neg, n_cells - n_inf)]) >= opts.threshold
+            e = estimate(int(calls.sum()), n_cells, opts.counts, draws=4000, seed=int(rng.integers(1 << 31)))
+            err.append(e.parasitemia_percent - 100 * pi)
+            raw_err.append(e.raw_percent - 100 * pi)
+            lo, hi = e.parasitemia_ci95
+            cover.append(lo <= 100 * pi <= hi)
+        floor = np.abs(rng.binomial(n_cells, pi, 100_000) / n_cells - pi).mean() * 100
+        rows.append({"parasitemia_percent": 100 * pi, "sessions": sessions, "cells": n_cells,
+                     "bias_pp": float(np.mean(err)), "mae_pp": float(np.mean(np.abs(err))),
+                     "binomial_floor_mae_pp": float(floor), "coverage_ci95": float(np.mean(cover)),
+                     "raw_bias_pp": float(np.mean(raw_err)), "raw_mae_pp": float(np.mean(np.abs(raw_err)))})
+    return rows
+
+
+def speed(model, opts: FieldOptions, real_photo: Path, crops_root: Path, data_dir: Path, repeats: int = 5) -> dict:
+    """Median ms per field: a 1280×960 synthetic field of ~200 cells, and a 5312×2988 photo with decoding."""
+    from train.data import load_prepared
+    d = load_prepared(data_dir)
+    idx = d.indices("test")
+    groups = load_crops(crops_root, [d.relpaths[i] for i in idx[:400]], [int(d.labels[i]) for i in idx[:400]],
+                        ["one"] * 400)
+    pos, neg = groups["one"]
+    f = make_field(pos, neg, SynthParams(width=2560, height=1920, n_cells=320, scale=0.5, parasitemia=0.02, seed=7))
+    out = {}
+    for name, get in (("1280x960", lambda: f.rgb), ("5312x2988", lambda: load_image(real_photo))):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            rgb = get()
+            t1 = time.perf_counter()
+            res = analyze(rgb, name, model, opts, keep_positive_crops=False)
+            times.append((t1 - t0, res.seconds["detect"], res.seconds["classify"], time.perf_counter() - t0,
+                          len(res.cells)))
+        a = np.median(np.array(times), axis=0)
+        out[name] = {"decode_ms": 1000 * a[0], "detect_ms": 1000 * a[1], "classify_ms": 1000 * a[2],
+                     "total_ms": 1000 * a[3], "fields_per_s": 1 / a[3], "cells": int(a[4])}
+    return out
+
+
+def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, out: Path, sessions: int = 200,
+        log=print) -> dict:
+    model = load_classifier(model_path)
+    thr, counts = operating_point(model, "counting")
+    opts = FieldOptions(thr, counts)
+    from benchmarks.hardware import machine
+    res = {"model": str(model_path), "operating_point": "counting", "threshold": thr, "counts": counts,
+           "machine": machine()}
+    log("real fields")
+    res["real"] = real_fields(fields_root, model, opts, log)
+    log("synthetic fields")
+    pool = synthetic_pool(data_dir, crops_root, model, opts, log=log)
+    res["synthetic_detection"] = {k: pool[k] for k in ("fields", "gt", "recall", "precision")}
+    y, p = pool["labels"], pool["probs"]
+    res["synthetic_pool"] = {"cells": int(len(y)), "infected": int(y.sum()),
+                             "sensitivity": float(np.mean(p[y == 1] >= thr)),
+                             "specificity": float(np.mean(p[y == 0] < thr))}
+    res["sessions"] = simulate_sessions(pool, opts, sessions=sessions)
+    log("speed")
+    res["speed"] = speed(model, replace(opts), sorted((fields_root / "Img").glob("*.jpg"))[0], crops_root, data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "fields.json", json.dumps(res, indent=1, default=float) + "\n")
+    atomic_write_text(out / "fields.md", markdown(res))
+    return res
+
+
+def markdown(r: dict) -> str:
+    re_, m = r["real"], r["machine"]
+    s = r["real"]["session"]
+    lines = [f"# Field mode: {Path(r['model']).name}, operating point {r['operating_point']} "
+             f"(threshold {r['threshold']:.4f})", "",
+             f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores.", "",
+             "## Detection on the real fields (4 photos, 5312x2988, healthy slide C12)", "",
+             "| field | GT red cells | recall | precision (in disc) | precision (whole cells) | counted | called Parasitized | decode ms | detect ms | classify ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for f in re_["fields"]:
+        sec = f["seconds"]
+        lines.append(f"| {f['field']} | {f['gt']} | {f['recall']:.4f} | {f['precision']:.4f} | "
+                     f"{f['precision_whole_cells']:.4f} | {f['rbc_counted']} | {f['positive']} | "
+                     f"{1000 * sec['decode']:.0f} | {1000 * sec['detect']:.0f} | {1000 * sec['classify']:.0f} |")
+    lines += ["", f"All: recall **{re_['recall']:.4f}** ({re_['found']}/{re_['gt']}), precision "
+              f"**{re_['precision']:.4f}** over {re_['detections']} detections in the disc, "
+              f"{re_['precision_whole_cells']:.4f} over those whole inside it (the GT skips cells cut by the rim). "
+              f"Annotated red cells classified: {re_['annotated_classified']}, called Parasitized: "
+              f"{re_['annotated_called_parasitized']} (all are uninfected).", "",
+              f"As one session: {s['positive_count']} of {s['rbc_count']} counted cells positive, raw "
+              f"{s['raw_percent']:.2f}%, corrected **{s['parasitemia_percent']:.2f}%** "
+              f"(95% interval {s['parasitemia_ci95'][0]:.2f}–{s['parasitemia_ci95'][1]:.2f}%).", "",
+              "## Synthetic sessions", "",
+              f"Pool: {r['synthetic_detection']['fields']} fields from the test split's crops, detection recall "
+              f"{r['synthetic_detection']['recall']:.4f}, precision {r['synthetic_detection']['precision']:.4f}; "
+              f"{r['synthetic_pool']['cells']} re-cut cells, sensitivity {r['synthetic_pool']['sensitivity']:.4f}, "
+              f"specificity {r['synthetic_pool']['specificity']:.4f} at the threshold (card, validation: "
+              f"{r['counts']}).", "",
+              "| true parasitemia | sessions x cells | bias (pp) | MAE (pp) | binomial floor MAE (pp) | 95% CI coverage | raw bias (pp) | raw MAE (pp) |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in r["sessions"]:
+        lines.append(f"| {x['parasitemia_percent']:.1f}% | {x['sessions']} x {x['cells']} | {x['bias_pp']:+.3f} | "
+                     f"{x['mae_pp']:.3f} | {x['binomial_floor_mae_pp']:.3f} | {x['coverage_ci95']:.1%} | "
+                     f"{x['raw_bias_pp']:+.3f} | {x['raw_mae_pp']:.3f} |")
+    lines += ["", "## Speed (median of 5, int8, this machine)", "",
+              "| field | cells | decode ms | detect ms | classify ms | total ms | fields/s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for k, v in r["speed"].items():
+        lines.append(f"| {k} | {v['cells']} | {v['decode_ms']:.0f} | {v['detect_ms']:.0f} | {v['classify_ms']:.0f} | "
+                     f"{v['total_ms']:.0f} | {v['fields_per_s']:.2f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,222 @@
+"""Field mode: one whole field → quality gate → cells found → crops classified; a session adds fields up
+until enough red cells are counted, then gives a corrected parasitemia with its interval.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from edge.card import label_of
+from edge.detect import Detection, DetectParams, crop, detect
+from edge.parasitemia import RBC_PER_UL, Estimate, estimate
+from edge.preprocess import resize_rgb
+from edge.runtime import Loaded, ModelError
+
+
+@dataclass(frozen=True)
+class QualityParams:
+    """The quality gate, in one place. Focus is scale- and stain-free: the 90th percentile gradient of a
+    central patch seen at `focus_diameter` px per cell, over the cell/background contrast."""
+    min_focus: float = 0.05
+    focus_diameter: float = 96.0
+    min_roundness: float = 0.6  # median 4πA/P² of the accepted cells: blobs of noise are not round
+    min_background: float = 60.0  # green level between cells: below this the field is too dark
+    max_clipped: float = 0.25  # share of field pixels saturated in all channels
+    min_cells: int = 10
+    min_coverage: float = 0.05  # red-cell area / field area
+    max_coverage: float = 0.95
+
+
+@dataclass(frozen=True)
+class FieldOptions:
+    """What a field run needs beyond the model: one small frozen object, not a dozen positional args."""
+    threshold: float
+    counts: dict  # the operating point's validation confusion counts {tp, fn, tn, fp}
+    operating_point: str = "counting"
+    target_cells: int = 2000
+    rbc_per_ul: float = RBC_PER_UL
+    batch: int = 64
+    detect: DetectParams = DetectParams()
+    quality: QualityParams = QualityParams()
+
+
+@dataclass
+class CellCall:
+    cell: int
+    box: tuple[int, int, int, int]
+    label: str  # Parasitized | Uninfected, or "" when not classified
+    prob_parasitized: float | None
+    status: str  # ok, or the detector's reason for leaving it out (cut, small, large, wbc, platelets)
+
+
+@dataclass
+class FieldResult:
+    path: str
+    width: int
+    height: int
+    status: str  # ok | rejected | error
+    reason: str = ""
+    cells: list[CellCall] = field(default_factory=list)
+    diameter_px: float = 0.0
+    quality: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    detection: Detection | None = field(default=None, repr=False)
+    crops: dict = field(default_factory=dict, repr=False)  # cell index → RGB crop, positives only
+
+    @property
+    def rbc(self) -> int:
+        return sum(c.status == "ok" for c in self.cells) if self.status == "ok" else 0
+
+    @property
+    def positive(self) -> int:
+        return sum(c.label == "Parasitized" for c in self.cells if c.status == "ok") if self.status == "ok" else 0
+
+    def summary(self) -> dict:
+        return {"path": self.path, "status": self.status, "reason": self.reason, "width": self.width,
+                "height": self.height, "rbc_count": self.rbc, "positive_count": self.positive,
+                "detected": len(self.cells), "cell_diameter_px": round(self.diameter_px, 1),
+                "quality": self.quality, "seconds": self.seconds}
+
+
+def focus(rgb: np.ndarray, det: Detection, q: QualityParams) -> float:
+    """Sharpness where the cells are: the central patch, 4 cells wide, at focus_diameter px per cell."""
+    if not det.accepted:
+        return 0.0
+    H, W = rgb.shape[:2]
+    cx, cy = np.median([c.centre for c in det.accepted], axis=0)
+    half = int(2 * det.diameter_px)
+    x0, y0 = int(max(0, min(W - 2 * half, cx - half))), int(max(0, min(H - 2 * half, cy - half)))
+    patch = rgb[y0:y0 + 2 * half, x0:x0 + 2 * half, 1]
+    s = min(1.0, q.focus_diameter / det.diameter_px)
+    if s < 1:
+        patch = cv2.resize(patch, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+    g = patch.astype(np.float32)
+    gx, gy = cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3)
+    contrast = max(1.0, det.background_level - det.cell_level)
+    return float(np.percentile(np.sqrt(gx * gx + gy * gy), 90) / 8 / contrast)
+
+
+def quality(rgb: np.ndarray, det: Detection, work: np.ndarray, q: QualityParams) -> tuple[str, dict]:
+    """'' when the field may be counted, else the reason; with the measured values."""
+    inside = det.eyepiece if det.eyepiece is not None else np.ones(work.shape[:2], bool)
+    sharp = focus(rgb, det, q)
+    clipped = float(np.mean(work[inside].min(axis=1) >= 250)) if inside.any() else 0.0
+    ok = det.accepted
+    area = sum(c.area_px for c in ok) * det.scale ** 2
+    coverage = float(area / max(1, inside.sum()))
+    roundness = float(np.median([c.roundness for c in ok])) if ok else 0.0
+    m = {"focus": round(sharp, 4), "roundness": round(roundness, 3), "background_level": round(det.background_level, 1), "clipped": round(clipped, 4),
+         "coverage": round(coverage, 3), "cells": len(ok)}
+    if det.note and not ok:
+        return det.note, m
+    if det.background_level < q.min_background:
+        return f"too dark (background level {det.background_level:.0f} < {q.min_background:.0f})", m
+    if clipped > q.max_clipped:
+        return f"overexposed ({clipped:.0%} of the field saturated)", m
+    if sharp < q.min_focus:
+        return f"out of focus (sharpness {sharp:.3f} < {q.min_focus})", m
+    if len(ok) < q.min_cells:
+        return f"too few red cells ({len(ok)} < {q.min_cells})", m
+    if roundness < q.min_roundness:
+        return f"no plausible red cells (regions are not round: median roundness {roundness:.2f})", m
+    if not q.min_coverage <= coverage <= q.max_coverage:
+        return f"implausible cell density (cells cover {coverage:.0%} of the field)", m
+    return "", m
+
+
+def analyze(rgb: np.ndarray, path: str, model: Loaded, opts: FieldOptions, keep_positive_crops: bool = True
+            ) -> FieldResult:
+    """Detect, gate and classify one field (RGB as displayed)."""
+    t0 = time.perf_counter()
+    H, W = rgb.shape[:2]
+    det = detect(rgb, opts.detect)
+    t1 = time.perf_counter()
+    work = cv2.resize(rgb, (max(1, round(W * det.scale)), max(1, round(H * det.scale))),
+                      interpolation=cv2.INTER_AREA) if det.scale < 1 else rgb
+    reason, qm = quality(rgb, det, work, opts.quality)
+    res = FieldResult(path, W, H, "rejected" if reason else "ok", reason, diameter_px=det.diameter_px, quality=qm,
+                      detection=det)
+    calls = [CellCall(i, c.box, "", None, c.status) for i, c in enumerate(det.cells)]
+    res.cells = calls
+    if not reason:
+        ok = [i for i, c in enumerate(det.cells) if c.status == "ok"]
+        probs = classify_crops([crop(rgb, det.cells[i]) for i in ok], model, opts.batch)
+        for i, p in zip(ok, probs):
+            calls[i].prob_parasitized = float(p)
+            calls[i].label = label_of(float(p), opts.threshold, model.card.class_names)
+            if keep_positive_crops and calls[i].label == "Parasitized":
+                res.crops[i] = crop(rgb, det.cells[i])
+    t2 = time.perf_counter()
+    res.seconds = {"detect": round(t1 - t0, 4), "classify": round(t2 - t1, 4)}
+    return res
+
+
+def classify_crops(crops: list[np.ndarray], model: Loaded, batch: int = 64) -> np.ndarray:
+    if not crops:
+        return np.zeros(0, np.float32)
+    x = np.stack([resize_rgb(c, model.size) for c in crops])
+    return np.concatenate([model.predict(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def operating_point(model: Loaded, name: str) -> tuple[float, dict]:
+    """(threshold, validation counts) of a named operating point from the model card."""
+    ops = model.card.operating_points or {}
+    if name not in ops:
+        have = ", ".join(ops) or "none"
+        raise ModelError(f"{model.path.name}: its card has no '{name}' operating point (has: {have}); "
+                         f"add them with: malaria-edge evaluate {model.path} --operating-points --update-card")
+    op = ops[name]
+    return float(op["threshold"]), dict(op["counts"])
+
+
+@dataclass
+class Session:
+    """Counts over the fields of one smear until the target number of red cells."""
+    opts: FieldOptions
+    fields: list[FieldResult] = field(default_factory=list)
+
+    def add(self, res: FieldResult) -> None:
+        self.fields.append(res)
+
+    @property
+    def rbc(self) -> int:
+        return sum(f.rbc for f in self.fields)
+
+    @property
+    def positive(self) -> int:
+        return sum(f.positive for f in self.fields)
+
+    @property
+    def target_reached(self) -> bool:
+        return self.rbc >= self.opts.target_cells
+
+    def estimate(self) -> Estimate:
+        return estimate(self.positive, self.rbc, self.opts.counts, self.opts.rbc_per_ul)
+
+    def summary(self, model: Loaded) -> dict:
+        e = self.estimate()
+        sizes = [f.diameter_px for f in self.fields if f.status == "ok"]
+        return {
+            "rbc_count": e.rbc_count, "positive_count": e.positive_count,
+            "raw_positive_percent": _r(e.raw_percent),
+            "parasitemia_percent": _r(e.parasitemia_percent),
+            "parasitemia_ci95": [_r(v) for v in e.parasitemia_ci95],
+            "parasites_per_ul": _r(e.parasites_per_ul, 0), "parasites_per_ul_ci95": [_r(v, 0) for v in e.parasites_per_ul_ci95],
+            "rbc_per_ul_assumed": e.rbc_per_ul,
+            "target_cells": self.opts.target_cells, "target_reached": self.target_reached,
+            "fields_counted": sum(f.status == "ok" for f in self.fields),
+            "fields_rejected": sum(f.status == "rejected" for f in self.fields),
+            "fields_failed": sum(f.status == "error" for f in self.fields),
+            "cell_diameter_px_median": _r(float(np.median(sizes)), 1) if sizes else None,
+            "model": model.path.name, "operating_point": self.opts.operating_point, "threshold": self.opts.threshold,
+            "sensitivity_validation": _r(e.sensitivity), "specificity_validation": _r(e.specificity),
+            "method": e.method,
+            "fields": [f.summary() for f in self.fields],
+        }
+
+
+def _r(v, nd: int = 4):
+    return None if v is None or v != v else round(float(v), nd)

@@ -1,0 +1,108 @@
+"""What a microscopist checks: a screen-sized overlay per field, session.json, and one self-contained
+report.html (summary with its interval, every field, every positive cell with its Grad-CAM)."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge.card import atomic_write_text
+from edge.field import FieldResult
+from edge.gradcam import overlay as gradcam_overlay
+
+MAX_WIDTH = 2048
+COLOURS = {"Parasitized": (0, 0, 230), "Uninfected": (0, 170, 0), "rejected": (150, 150, 150)}  # BGR
+
+
+def field_overlay(rgb: np.ndarray, res: FieldResult, max_width: int = MAX_WIDTH) -> np.ndarray:
+    """Cell outlines (green: uninfected, red with confidence: parasitized, grey: left out), BGR, ≤ max_width."""
+    H, W = rgb.shape[:2]
+    s = min(1.0, max_width / W)
+    bgr = cv2.cvtColor(cv2.resize(rgb, (round(W * s), round(H * s)), interpolation=cv2.INTER_AREA) if s < 1 else rgb,
+                       cv2.COLOR_RGB2BGR)
+    det = res.detection
+    if det is None:
+        return bgr
+    thick = max(1, round(bgr.shape[1] / 800))
+    font = max(0.4, bgr.shape[1] / 2400)
+    for call, cell in zip(res.cells, det.cells):
+        x, y, w, h = cell.box
+        m = np.zeros((h + 2, w + 2), np.uint8)
+        m[1:-1, 1:-1] = cell.mask
+        cs, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cs = [((c.astype(np.float32) + (x - 1, y - 1)) * s).astype(np.int32) for c in cs]
+        key = call.label if call.status == "ok" and call.label else "rejected"
+        cv2.drawContours(bgr, cs, -1, COLOURS[key], thick + (1 if key == "Parasitized" else 0))
+        if key == "Parasitized":
+            tx, ty = int(x * s), max(12, int(y * s) - 4)
+            text = f"#{call.cell} {call.prob_parasitized:.2f}"
+            cv2.putText(bgr, text, (tx, ty), cv2.FONT_HERSHEY_SIMPLEX, font, (255, 255, 255), thick + 2, cv2.LINE_AA)
+            cv2.putText(bgr, text, (tx, ty), cv2.FONT_HERSHEY_SIMPLEX, font, COLOURS[key], thick, cv2.LINE_AA)
+    band = np.full((max(28, int(34 * font * 2)), bgr.shape[1], 3), 255, np.uint8)
+    head = (f"{res.rbc} red cells, {res.positive} parasitized" if res.status == "ok"
+            else f"NOT COUNTED: {res.reason}")
+    cv2.putText(band, head, (8, band.shape[0] - 10), cv2.FONT_HERSHEY_SIMPLEX, font * 1.2,
+                (0, 0, 0) if res.status == "ok" else (0, 0, 200), thick, cv2.LINE_AA)
+    return np.vstack([band, bgr])
+
+
+def _data_uri(bgr: np.ndarray, ext: str = ".jpg") -> str:
+    ok, buf = cv2.imencode(ext, bgr, [cv2.IMWRITE_JPEG_QUALITY, 85] if ext == ".jpg" else [])
+    mime = "jpeg" if ext == ".jpg" else "png"
+    return f"data:image/{mime};base64,{base64.b64encode(buf.tobytes()).decode()}"
+
+
+def write_session(out: Path, summary: dict) -> Path:
+    path = out / "session.json"
+    atomic_write_text(path, json.dumps(summary, indent=1) + "\n")
+    return path
+
+
+def write_html(out: Path, summary: dict, overlays: list[tuple[str, np.ndarray]],
+               gallery: list[tuple[str, int, float, np.ndarray, np.ndarray | None]]) -> Path:
+    """gallery: (field path, cell index, P(Parasitized), RGB crop, heat map or None) per positive cell."""
+    e = summary
+    lo, hi = e["parasitemia_ci95"]
+    pct = "n/a" if e["parasitemia_percent"] is None else f"{e['parasitemia_percent']:.2f}%"
+    target = ("reached" if e["target_reached"] else "NOT reached: count more fields before trusting the result")
+    rows = "".join(
+        f"<tr><td>{html.escape(Path(f['path']).name)}</td><td class='{f['status']}'>{f['status']}</td>"
+        f"<td>{html.escape(f['reason'])}</td><td>{f['rbc_count']}</td><td>{f['positive_count']}</td>"
+        f"<td>{f['cell_diameter_px']}</td><td>{f['quality'].get('focus', '')}</td></tr>" for f in e["fields"])
+    figs = "".join(f"<figure><img src='{_data_uri(img)}'><figcaption>{html.escape(name)}</figcaption></figure>"
+                   for name, img in overlays)
+    cards = []
+    for name, idx, prob, rgb, heat in gallery:
+        pic = gradcam_overlay(rgb, heat, "Parasitized", prob, panel=True)
+        cards.append(f"<div class='cell'><img src='{_data_uri(pic, '.png')}'><br>{html.escape(Path(name).name)} "
+                     f"#{idx}<br>P(parasitized) {prob:.3f}<br><label><input type='checkbox'> confirmed</label></div>")
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>malaria-edge session report</title>
+<style>body{{font-family:sans-serif;margin:1.5em;max-width:1400px}} .big{{font-size:1.6em}}
+table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px}} .rejected,.error{{color:#b00}}
+figure{{display:inline-block;margin:4px}} figure img{{max-width:680px}} .cell{{display:inline-block;margin:6px;
+font-size:.85em;text-align:center;vertical-align:top}} .warn{{background:#fff3cd;padding:.5em}}</style></head><body>
+<h1>Session report</h1>
+<p class="warn">Research use only, not a diagnosis: a trained microscopist must confirm every positive cell below.</p>
+<p class="big">Parasitemia <b>{pct}</b> (95% interval {lo:.2f}–{hi:.2f}%) · {e['parasites_per_ul'] or 0:,.0f}
+parasites/µL (interval {e['parasites_per_ul_ci95'][0]:,.0f}–{e['parasites_per_ul_ci95'][1]:,.0f}, assuming
+{e['rbc_per_ul_assumed']:,.0f} red cells/µL)</p>
+<p>{e['positive_count']} of {e['rbc_count']} red cells called parasitized (raw share {e['raw_positive_percent'] or 0:.2f}%);
+target {e['target_cells']} red cells: {target}. Fields counted {e['fields_counted']}, rejected {e['fields_rejected']},
+failed {e['fields_failed']}. Median cell diameter {e['cell_diameter_px_median']} px.</p>
+<p>The estimate corrects the raw share for the classifier's errors at the <b>{e['operating_point']}</b> operating point
+(threshold {e['threshold']:.3f}; validation sensitivity {e['sensitivity_validation']}, specificity
+{e['specificity_validation']}). The interval includes the sampling of cells and the uncertainty of those two rates;
+it assumes this smear looks like the validation cells. Model {html.escape(e['model'])}. {html.escape(e['method'])}.</p>
+<h2>Fields</h2><table><tr><th>field</th><th>status</th><th>reason</th><th>red cells</th><th>parasitized</th>
+<th>cell px</th><th>focus</th></tr>{rows}</table>
+<h2>Positive cells ({len(gallery)}): crop and Grad-CAM of the Parasitized class</h2>{''.join(cards) or '<p>none</p>'}
+<h2>Field overlays</h2><p>green: uninfected · red: parasitized (#cell, P) · grey: left out (cut by an edge,
+white cell, platelets, debris, clumps)</p>{figs}
+</body></html>"""
+    path = out / "report.html"
+    atomic_write_text(path, doc)
+    return path

@@ -1,0 +1,268 @@
+"""Field mode: detection on real and synthetic fields, the parasitemia estimator, the quality gate, and
+`edge-infer --field` end to end on files and on a video through the camera code."""
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge.detect import crop, detect
+from edge.field import FieldOptions, QualityParams, analyze, quality
+from edge.images import load_image
+from edge.metrics import operating_points, threshold_for_specificity
+from edge.parasitemia import estimate
+from edge.runtime import load_classifier
+from tests.conftest import DEV_MANIFEST, ROOT, run
+from train.fieldscore import GTPoint, exif_orientation, read_point_set, score
+from train.synthetic import SynthParams, load_crops, make_field
+
+FIELD = ROOT / "examples" / "field" / "IMG_20150614_124212.jpg"
+FIELD_GT = FIELD.with_suffix(".txt")
+FIELD_MODEL = ROOT / "models" / "mobilenetv2" / "mobilenetv2_int8.tflite"
+COUNTS = {"tp": 900, "fn": 100, "tn": 995, "fp": 5}
+
+
+def infer(*args, **kw):
+    return run(["-m", "edge.cli", *map(str, args)], **kw)
+
+
+@pytest.fixture(scope="module")
+def real_field():
+    return load_image(FIELD)
+
+
+@pytest.fixture(scope="module")
+def real_detection(real_field):
+    return detect(real_field)
+
+
+@pytest.fixture(scope="module")
+def crops_by_group():
+    """60 real crops of one patient (P20, both classes) from the dev set: a field is one patient's slide."""
+    import csv
+    rows = [r for r in csv.DictReader(open(DEV_MANIFEST)) if r["patient"] == "20"]
+    rows = [r for r in rows if r["label"] == "Parasitized"][:30] + [r for r in rows if r["label"] == "Uninfected"][:30]
+    return load_crops(DEV_MANIFEST.parent, [r["relpath"] for r in rows],
+                      [int(r["label"] == "Parasitized") for r in rows], ["P20"] * len(rows))["P20"]
+
+
+def test_real_field_is_read_as_displayed_and_gt_rotated_with_it(real_field):
+    assert exif_orientation(FIELD) == 8
+    assert real_field.shape[:2] == (5312, 2988)  # stored 5312 wide, displayed upright
+    pts = read_point_set(FIELD_GT, 8)
+    assert all(0 <= p.x < 2988 and 0 <= p.y < 5312 for p in pts)
+
+
+def test_real_field_detection_recall_and_precision(real_detection):
+    pts = read_point_set(FIELD_GT, exif_orientation(FIELD))
+    s = score(real_detection.cells, pts, real_detection.eyepiece, real_detection.scale)
+    assert s.gt == 292
+    assert s.recall >= 0.97, s.as_dict()
+    assert s.precision >= 0.92, s.as_dict()
+    assert 90 < real_detection.diameter_px < 130  # NIH crops of this slide are ~110-140 px
+
+
+def test_white_cell_is_not_counted_as_a_red_cell(real_detection):
+    wbc = [p for p in read_point_set(FIELD_GT, exif_orientation(FIELD)) if p.label == "White_Blood_Cell"]
+    assert wbc
+    from train.fieldscore import _inside
+    assert not any(_inside(c, p.x, p.y) for p in wbc for c in real_detection.accepted)
+
+
+def test_crops_are_cut_at_full_resolution_with_black_background(real_field, real_detection):
+    cell = real_detection.accepted[len(real_detection.accepted) // 2]
+    c = crop(real_field, cell)
+    assert c.shape[:2] == (cell.box[3], cell.box[2]) and 80 < max(c.shape[:2]) < 200
+    assert (c[~cell.mask] == 0).all() and c[cell.mask].mean() > 60
+    corners = np.array([c[0, 0], c[0, -1], c[-1, 0], c[-1, -1]])
+    assert (corners == 0).all()
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(scale=0.5, blur=1.0), dict(eyepiece=True)])
+def test_synthetic_field_detection_recall(crops_by_group, variant):
+    pos, neg = crops_by_group
+    f = make_field(pos, neg, SynthParams(width=1600, height=1200, n_cells=90, seed=3, **variant))
+    det = detect(f.rgb)
+    s = score(det.cells, [GTPoint(t.x, t.y, t.label) for t in f.truth])
+    assert s.gt >= 30
+    assert s.recall >= 0.93, s.as_dict()
+
+
+def test_synthetic_field_truth_points_lie_on_their_cells(crops_by_group):
+    pos, neg = crops_by_group
+    f = make_field(pos, neg, SynthParams(width=1200, height=900, n_cells=40, spacing=(1.2, 1.5), seed=1,
+                                         jpeg_quality=None, noise=0, vignette=0,
+                                         background=(0, 255, 0), platelets=0))
+    on_cell = [f.rgb[int(t.y), int(t.x), 1] < 200 for t in f.red_cells]  # no cell is pure green
+    assert len(on_cell) > 15 and all(on_cell)
+
+
+def test_estimator_corrects_with_rogan_gladen():
+    e = estimate(100, 1000, {"tp": 90, "fn": 10, "tn": 95, "fp": 5})
+    assert e.parasitemia_percent == pytest.approx(100 * (0.1 + 0.95 - 1) / (0.9 + 0.95 - 1))
+    assert e.raw_percent == pytest.approx(10.0)
+    lo, hi = e.parasitemia_ci95
+    assert lo < e.parasitemia_percent < hi
+    assert e.parasites_per_ul == pytest.approx(e.parasitemia_percent / 100 * 5e6)
+
+
+def test_estimator_with_no_positive_gives_rule_of_three_bound():
+    e = estimate(0, 2000, COUNTS)
+    assert e.parasitemia_percent == 0 and e.parasitemia_ci95[0] == 0
+    assert e.parasitemia_ci95[1] == pytest.approx(100 * 3 / (2000 * 0.9))
+
+
+def test_estimator_clamps_below_the_false_positive_rate():
+    e = estimate(2, 2000, COUNTS)  # 0.1% positives, fewer than the 0.5% false-positive rate
+    assert e.parasitemia_percent == 0 and e.parasitemia_ci95[0] == 0 and e.parasitemia_ci95[1] > 0
+
+
+def test_estimator_interval_covers_the_truth_in_simulated_sessions():
+    rng = np.random.default_rng(0)
+    se, sp, pi, n = 0.85, 0.995, 0.02, 2000
+    covered = []
+    for _ in range(150):
+        infected = rng.random(n) < pi
+        # the classifier's rates are only known through a validation sample, as in the card
+        tp = rng.binomial(1600, se)
+        tn = rng.binomial(1600, sp)
+        calls = np.where(infected, rng.random(n) < se, rng.random(n) > sp)
+        e = estimate(int(calls.sum()), n, {"tp": tp, "fn": 1600 - tp, "tn": tn, "fp": 1600 - tn}, draws=3000)
+        covered.append(e.parasitemia_ci95[0] <= 100 * pi <= e.parasitemia_ci95[1])
+    assert np.mean(covered) >= 0.9
+
+
+def test_estimator_rejects_impossible_counts():
+    with pytest.raises(ValueError):
+        estimate(5, 3, COUNTS)
+    with pytest.raises(ValueError):
+        estimate(1, 100, {"tp": 1, "fn": 9, "tn": 5, "fp": 5})  # Se + Sp <= 1
+
+
+def test_counting_threshold_reaches_its_specificity():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 3000)
+    p = np.clip(rng.normal(0.3 + 0.4 * y, 0.2), 0, 1)
+    ops = operating_points(y, p)
+    c = ops["counting"]
+    assert c["specificity"] >= 0.995 and np.mean(p[y == 0] < c["threshold"]) >= 0.995
+    assert c["counts"]["tn"] + c["counts"]["fp"] == int((y == 0).sum())
+    assert ops["screening"]["sensitivity"] >= 0.97
+    assert threshold_for_specificity(np.array([0, 0, 1]), np.array([0.2, 0.2, 0.9]), 1.0) > 0.2
+
+
+def _quality_reason(rgb):
+    det = detect(rgb)
+    s = det.scale
+    work = cv2.resize(rgb, None, fx=s, fy=s, interpolation=cv2.INTER_AREA) if s < 1 else rgb
+    return quality(rgb, det, work, QualityParams())[0]
+
+
+def test_quality_gate_passes_the_real_field(real_field):
+    assert _quality_reason(real_field[::2, ::2]) == ""
+
+
+def test_quality_gate_rejects_a_blurred_field(real_field):
+    small = np.ascontiguousarray(real_field[::2, ::2])
+    assert _quality_reason(cv2.GaussianBlur(small, (0, 0), 14)) != ""
+
+
+def test_quality_gate_rejects_a_dark_field(real_field):
+    small = np.ascontiguousarray(real_field[::2, ::2])
+    assert _quality_reason((small * 0.2).astype(np.uint8)).startswith("too dark")
+
+
+@pytest.mark.parametrize("rgb", [np.zeros((960, 1280, 3), np.uint8), np.full((960, 1280, 3), 230, np.uint8),
+                                 np.zeros((8, 8, 3), np.uint8)], ids=["black", "empty", "tiny"])
+def test_fields_with_nothing_in_them_are_rejected_not_crashed(rgb):
+    res = analyze(rgb, "x", load_classifier(FIELD_MODEL), FieldOptions(0.9, COUNTS))
+    assert res.status == "rejected" and res.rbc == 0 and "no" in res.reason
+
+
+def test_random_noise_is_not_a_field():
+    noise = np.random.default_rng(0).integers(0, 255, (960, 1280, 3)).astype(np.uint8)
+    res = analyze(noise, "noise", load_classifier(FIELD_MODEL), FieldOptions(0.9, COUNTS))
+    assert res.status == "rejected"
+
+
+@pytest.fixture(scope="module")
+def field_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fieldrun")
+    res = infer("--field", FIELD, "--out", out, "--output", out / "cells.jsonl", "--target-cells", 200)
+    return res, out
+
+
+def test_field_run_writes_rows_session_and_report(field_run):
+    res, out = field_run
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(x) for x in (out / "cells.jsonl").read_text().splitlines()]
+    assert {"path", "cell", "box", "image_width", "image_height", "label", "prob_parasitized", "status"} <= set(rows[0])
+    assert all(r["image_width"] == 2988 and r["image_height"] == 5312 for r in rows)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) > 250 and all(r["label"] in ("Parasitized", "Uninfected") for r in ok)
+    assert all(0 <= r["box"][0] and r["box"][0] + r["box"][2] <= 2988 and r["box"][1] + r["box"][3] <= 5312 for r in rows)
+    (sdir,) = [d for d in out.iterdir() if d.is_dir()]
+    s = json.loads((sdir / "session.json").read_text())
+    assert s["rbc_count"] == len(ok) and s["target_reached"] is True
+    assert s["positive_count"] == sum(r["label"] == "Parasitized" for r in ok)
+    lo, hi = s["parasitemia_ci95"]
+    assert lo <= s["parasitemia_percent"] <= hi and lo == 0  # a healthy slide: the interval includes 0
+    html = (sdir / "report.html").read_text()
+    assert "Parasitemia" in html and "data:image/jpeg;base64," in html and "not a diagnosis" in html
+    (ov,) = list((sdir / "overlays").glob("*.jpg"))
+    assert cv2.imread(str(ov)).shape[1] <= 2048
+
+
+def test_field_runs_never_overwrite_an_earlier_session(field_run, tmp_path):
+    for _ in range(2):
+        assert infer("--field", FIELD, "--out", tmp_path, "--target-cells", 10).returncode == 0
+    assert len([d for d in tmp_path.iterdir() if d.name.startswith("session-")]) == 2
+
+
+def test_single_cell_given_to_field_mode_says_so(cell_files, tmp_path):
+    res = infer("--field", cell_files[0], "--out", tmp_path)
+    assert res.returncode == 1
+    assert "single cell" in res.stderr
+
+
+def test_field_given_without_field_flag_gets_an_error_row(tmp_path):
+    res = infer(FIELD, "--format", "csv")
+    assert res.returncode == 1
+    assert "use --field" in res.stdout
+
+
+def test_huge_image_is_a_clear_error(tmp_path):
+    big = tmp_path / "big.png"
+    cv2.imwrite(str(big), np.zeros((8000, 7000), np.uint8))
+    res = infer("--field", big, "--out", tmp_path)
+    assert res.returncode == 1 and "too large" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_field_mode_needs_operating_points_in_the_card(exported, tmp_path):
+    res = infer("--field", FIELD, "--model", exported / "tiny_int8.tflite", "--out", tmp_path)
+    assert res.returncode == 1 and "operating point" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_field_from_a_video_file_through_the_camera_code_stops_at_target(real_field, tmp_path):
+    small = cv2.cvtColor(np.ascontiguousarray(real_field[1200:3200:2, ::2]), cv2.COLOR_RGB2BGR)
+    h, w = small.shape[:2]
+    video = tmp_path / "smear.avi"
+    vw = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (w, h))
+    for _ in range(10):
+        vw.write(small)
+    vw.release()
+    res = infer("--field", "--video", video, "--interval", 0, "--target-cells", 150, "--out", tmp_path / "o")
+    assert res.returncode == 0, res.stderr
+    (sdir,) = list((tmp_path / "o").iterdir())
+    s = json.loads((sdir / "session.json").read_text())
+    assert s["target_reached"] and 1 <= s["fields_counted"] < 10  # stopped at the target, not at the end
+    assert len(list((sdir / "fields").glob("*.png"))) == s["fields_counted"]  # every accepted field kept
+
+
+def test_video_that_yields_no_frames_fails(tmp_path):
+    video = tmp_path / "empty.avi"
+    vw = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 64))
+    vw.release()
+    res = infer("--field", "--video", video, "--out", tmp_path / "o")
+    assert res.returncode == 1
