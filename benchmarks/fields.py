@@ -138,8 +138,8 @@ def speed(model, opts: FieldOptions, real_photo: Path, crops_root: Path, data_di
     from train.data import load_prepared
     d = load_prepared(data_dir)
     idx = d.indices("test")
-    groups = load_crops(crops_root, [d.relpaths[i] for i in idx[:400]], [int(d.labels[i]) for i in idx[:400]],
-                        ["one"] * 400)
+    idx = np.concatenate([idx[d.labels[idx] == 1][:100], idx[d.labels[idx] == 0][:300]])
+    groups = load_crops(crops_root, [d.relpaths[i] for i in idx], [int(d.labels[i]) for i in idx], ["one"] * len(idx))
     pos, neg = groups["one"]
     f = make_field(pos, neg, SynthParams(width=2560, height=1920, n_cells=320, scale=0.5, parasitemia=0.02, seed=7))
     out = {}
