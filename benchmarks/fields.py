@@ -23,7 +23,7 @@ from edge.field import FieldOptions, analyze, operating_point
 from edge.images import load_image
 from edge.parasitemia import estimate
 from edge.runtime import load_classifier
-from train.fieldscore import GTPoint, _inside, exif_orientation, read_point_set, score
+from train.fieldscore import GTPoint, contains, exif_orientation, read_point_set, score
 from train.synthetic import SynthParams, load_crops, make_field
 
 VARIANTS = [dict(), dict(blur=2.0), dict(scale=0.5), dict(eyepiece=True), dict(scale=0.35, blur=1.0),
@@ -46,10 +46,10 @@ def real_fields(root: Path, model, opts: FieldOptions, log=print) -> dict:
         s_core = score(det.cells, pts, core.astype(bool), det.scale)
         # every annotated red cell classified: the call on the detection that holds its point
         ok = [(c, call) for c, call in zip(det.cells, res.cells) if c.status == "ok"]
-        called = [next((call.label for c, call in ok if _inside(c, p.x, p.y)), "") for p in pts
+        called = [next((call.label for c, call in ok if contains(c, p.x, p.y)), "") for p in pts
                   if p.label != "White_Blood_Cell"]
         wbc = [p for p in pts if p.label == "White_Blood_Cell"]
-        wbc_kept = sum(any(_inside(c, p.x, p.y) for c, _ in ok) for p in wbc)
+        wbc_kept = sum(any(contains(c, p.x, p.y) for c, _ in ok) for p in wbc)
         row = {"field": img.name, **s.as_dict(), "precision_whole_cells": s_core.precision,
                "detections_whole_cells": s_core.detections, "wbc_gt": len(wbc), "wbc_counted_as_rbc": wbc_kept,
                "annotated_classified": sum(bool(c) for c in called),
@@ -98,7 +98,7 @@ def synthetic_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, 
             n_gt, n_found, n_det, n_correct = n_gt + s.gt, n_found + s.found, n_det + s.detections, n_correct + s.correct
             ok = [(c, call) for c, call in zip(det.cells, res.cells) if c.status == "ok" and call.prob_parasitized is not None]
             for t in f.red_cells:
-                hits = [call for c, call in ok if _inside(c, t.x, t.y)]
+                hits = [call for c, call in ok if contains(c, t.x, t.y)]
                 if len(hits) == 1:
                     labels.append(int(t.label == "Parasitized"))
                     probs.append(hits[0].prob_parasitized)

@@ -77,18 +77,16 @@ def main(paths, model_path, camera, video, gradcam, panel, out, output, fmt, thr
     try:
         model = load_classifier(model_path or default_model("field" if field_mode else "cell"), threads)
         explainer = load_explainer_for(model, threads) if gradcam or (field_mode and model.card.explainer) else None
-        if field_mode:
+        if field_mode or operating_point:
             from edge.field import operating_point as op_of
-            op_thr, counts = op_of(model, operating_point or "counting")
-        elif operating_point:
-            from edge.field import operating_point as op_of
-            threshold = op_of(model, operating_point)[0] if threshold is None else threshold
+            op_name = operating_point or "counting"
+            op_thr, counts = op_of(model, op_name)
+            threshold = op_thr if threshold is None else threshold
     except (ModelError, CardError) as e:
         raise click.ClickException(str(e)) from None
     if field_mode:
-        sys.exit(run_field(list(paths), camera, video, model, explainer, out, output, threshold or op_thr, counts,
-                           operating_point or "counting", target_cells, rbc_per_ul, cell_diameter, batch, interval,
-                           show, retries, retry_wait))
+        sys.exit(run_field(list(paths), camera, video, model, explainer, out, output, threshold, counts, op_name,
+                           target_cells, rbc_per_ul, cell_diameter, batch, interval, show, retries, retry_wait))
     thr = model.card.threshold if threshold is None else threshold
     if not 0 < thr < 1:
         raise click.UsageError("--threshold must be between 0 and 1")
@@ -151,6 +149,7 @@ def run_files(paths, model, thr, explainer, out, output, fmt, batch, panel, quie
 
 def run_field(paths, camera, video, model, explainer, out, output, thr, counts, op_name, target_cells, rbc_per_ul,
               cell_diameter, batch, interval, show, retries, retry_wait) -> int:
+    from edge.camera import CameraError, Source, frames, has_gui, parse_camera
     from edge.detect import DetectParams
     from edge.field import FieldOptions
     from edge.fieldrun import file_items, frame_items, run_session
@@ -160,7 +159,6 @@ def run_field(paths, camera, video, model, explainer, out, output, thr, counts, 
     opts = FieldOptions(thr, counts, op_name, target_cells, rbc_per_ul, batch, DetectParams(cell_diameter=cell_diameter))
     live = camera is not None or video is not None
     if live:
-        from edge.camera import CameraError, Source, frames, has_gui, parse_camera
         src = Source(str(video), is_file=True) if video is not None else parse_camera(camera)
         if show and not has_gui():
             click.echo("no display or no GUI in this OpenCV build (headless): running without a window", err=True)
@@ -174,13 +172,11 @@ def run_field(paths, camera, video, model, explainer, out, output, thr, counts, 
     try:
         session, sdir, code = run_session(items, model, explainer, opts, out, output, stop_at_target=live,
                                           keep_frames=live)
+    except CameraError as e:
+        click.echo(f"error: {e}", err=True)
+        return 1
     except OSError as e:
         raise click.ClickException(f"cannot write results: {e.strerror or e}") from None
-    except Exception as e:
-        if live and type(e).__name__ == "CameraError":
-            click.echo(f"error: {e}", err=True)
-            return 1
-        raise
     if live and not session.fields:
         click.echo(f"error: {src.describe()} gave no frames", err=True)
         code = code or 1

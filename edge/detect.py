@@ -5,8 +5,8 @@ the distance transform's peaks, then detection runs at a resolution where a cell
 `DetectParams.work_diameter` pixels across, and boxes and masks are mapped back to full resolution.
 
 Steps at working resolution: the eyepiece disc (a bright disc on black, if any) bounds the field;
-cells are darker than the background in the green channel (Otsu inside the field; pale centres
-filled); touching cells are split by a seeded partition of the foreground, one seed per peak of the
+cells differ in colour from the locally estimated background (Otsu on the colour distance inside the
+field; rings broken at pale centres closed, holes filled); touching cells are split by a seeded partition of the foreground, one seed per peak of the
 distance transform; each region is then accepted or rejected with a reason (cut by the image or
 eyepiece edge, too small for a red cell: platelet or debris, too large: an unsplit clump, or a white
 blood cell: a large share of nucleus-dark stain).
@@ -44,7 +44,8 @@ class DetectParams:
     wbc_area: float = 1.3  # × median cell area
     platelet_area: float = 0.6  # × median cell area
     mask_dilate: float = 0.04  # × diameter: grow masks so the crop keeps the cell's rim
-    small_cell_px: float = 50.0  # warn when cells are smaller than this at full resolution
+    small_cell_px: float = 50.0  # warn when cells are smaller than this at full resolution (the classifier
+    # needs the parasite's few pixels)
 
 
 @dataclass
@@ -63,8 +64,8 @@ class Detection:
     diameter_px: float  # estimated (or given) cell diameter at full resolution
     scale: float  # working resolution / full resolution
     eyepiece: np.ndarray | None = field(default=None, repr=False)  # bool mask at working resolution
-    field_fraction: float = 1.0  # share of the image inside the eyepiece
-    threshold: float = 0.0  # the green-channel cut between cells and background
+    work: np.ndarray | None = field(default=None, repr=False)  # the image at working resolution
+    threshold: float = 0.0  # the colour-distance cut between cells and background
     background_level: float = 0.0
     cell_level: float = 0.0
     note: str = ""  # why nothing was found, when nothing was
@@ -169,11 +170,11 @@ def detect(rgb: np.ndarray, params: DetectParams = DetectParams()) -> Detection:
         d = estimate_diameter(fg)
         diameter = d / pv_scale if d else None
     if not diameter or diameter < p.min_diameter:
-        return Detection([], float(diameter or 0), 1.0, note="no cells found (nothing cell-sized in the image)")
+        return Detection([], float(diameter or 0), 1.0, work=rgb, note="no cells found (nothing cell-sized in the image)")
     scale = min(1.0, p.work_diameter / diameter)
     work = _shrink(rgb, scale)
     inside = eyepiece_mask(work, p)
-    det = Detection([], float(diameter), scale, inside, float(inside.mean()))
+    det = Detection([], float(diameter), scale, inside, work)
     fg, det.threshold, det.background_level, det.cell_level = _foreground(work, inside, p.work_diameter)
     if not fg.any():
         det.note = "no cells found (no contrast between cells and background)"

@@ -99,8 +99,9 @@ def focus(rgb: np.ndarray, det: Detection, q: QualityParams) -> float:
     return float(np.percentile(np.sqrt(gx * gx + gy * gy), 90) / 8 / contrast)
 
 
-def quality(rgb: np.ndarray, det: Detection, work: np.ndarray, q: QualityParams) -> tuple[str, dict]:
+def quality(rgb: np.ndarray, det: Detection, q: QualityParams) -> tuple[str, dict]:
     """'' when the field may be counted, else the reason; with the measured values."""
+    work = det.work
     inside = det.eyepiece if det.eyepiece is not None else np.ones(work.shape[:2], bool)
     sharp = focus(rgb, det, q)
     clipped = float(np.mean(work[inside].min(axis=1) >= 250)) if inside.any() else 0.0
@@ -108,8 +109,8 @@ def quality(rgb: np.ndarray, det: Detection, work: np.ndarray, q: QualityParams)
     area = sum(c.area_px for c in ok) * det.scale ** 2
     coverage = float(area / max(1, inside.sum()))
     roundness = float(np.median([c.roundness for c in ok])) if ok else 0.0
-    m = {"focus": round(sharp, 4), "roundness": round(roundness, 3), "background_level": round(det.background_level, 1), "clipped": round(clipped, 4),
-         "coverage": round(coverage, 3), "cells": len(ok)}
+    m = {"focus": round(sharp, 4), "roundness": round(roundness, 3), "background_level": round(det.background_level, 1),
+         "clipped": round(clipped, 4), "coverage": round(coverage, 3), "cells": len(ok)}
     if det.note and not ok:
         return det.note, m
     if det.background_level < q.min_background:
@@ -134,21 +135,19 @@ def analyze(rgb: np.ndarray, path: str, model: Loaded, opts: FieldOptions, keep_
     H, W = rgb.shape[:2]
     det = detect(rgb, opts.detect)
     t1 = time.perf_counter()
-    work = cv2.resize(rgb, (max(1, round(W * det.scale)), max(1, round(H * det.scale))),
-                      interpolation=cv2.INTER_AREA) if det.scale < 1 else rgb
-    reason, qm = quality(rgb, det, work, opts.quality)
+    reason, qm = quality(rgb, det, opts.quality)
     res = FieldResult(path, W, H, "rejected" if reason else "ok", reason, diameter_px=det.diameter_px, quality=qm,
                       detection=det)
     calls = [CellCall(i, c.box, "", None, c.status) for i, c in enumerate(det.cells)]
     res.cells = calls
     if not reason:
         ok = [i for i, c in enumerate(det.cells) if c.status == "ok"]
-        probs = classify_crops([crop(rgb, det.cells[i]) for i in ok], model, opts.batch)
-        for i, p in zip(ok, probs):
+        crops = [crop(rgb, det.cells[i]) for i in ok]
+        for i, c, p in zip(ok, crops, classify_crops(crops, model, opts.batch)):
             calls[i].prob_parasitized = float(p)
             calls[i].label = label_of(float(p), opts.threshold, model.card.class_names)
             if keep_positive_crops and calls[i].label == "Parasitized":
-                res.crops[i] = crop(rgb, det.cells[i])
+                res.crops[i] = c
     t2 = time.perf_counter()
     res.seconds = {"detect": round(t1 - t0, 4), "classify": round(t2 - t1, 4)}
     return res

@@ -15,11 +15,10 @@ from edge.field import FieldOptions, FieldResult, Session, analyze
 from edge.card import atomic_write_bytes
 from edge.gradcam import save_png
 from edge.images import ImageError, load_image
-from edge.report import field_overlay, write_html, write_session
+from edge.report import data_uri, encode, field_overlay, write_html, write_session
 from edge.results import CELL_FIELDS, Writer, format_for, open_output
 from edge.runtime import Loaded
 
-SMALL_CELL_PX = 50
 CROP_MAX_SIDE = 400
 
 
@@ -80,15 +79,17 @@ def run_session(items: Iterable[tuple[str, np.ndarray | str]], model: Loaded, ex
                     rows.write(cell_rows(res))
                 pic = field_overlay(img, res)
                 stem = f"{k:04d}_{Path(name).stem}"
-                save_jpeg(sdir / "overlays" / f"{stem}.jpg", pic)
-                overlays.append((name, cv2.resize(pic, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)))
+                atomic_write_bytes(sdir / "overlays" / f"{stem}.jpg", encode(pic))
+                # kept encoded, not as pixels: a long live session must not grow by megabytes a field
+                overlays.append((name, data_uri(cv2.resize(pic, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA))))
                 if keep_frames and res.status == "ok":
                     save_png(sdir / "fields" / f"{stem}.png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
                 for idx, rgb in res.crops.items():
                     heat = explainer.explain(_model_input(rgb, explainer))[1][0] if explainer is not None else None
                     gallery.append((name, idx, res.cells[idx].prob_parasitized, rgb, heat))
-                if res.status == "ok" and res.diameter_px < SMALL_CELL_PX and not warned:
-                    log(f"warning: cells are {res.diameter_px:.0f} px across (< {SMALL_CELL_PX}): the camera resolution "
+                small = opts.detect.small_cell_px
+                if res.status == "ok" and res.diameter_px < small and not warned:
+                    log(f"warning: cells are {res.diameter_px:.0f} px across (< {small:.0f}): the camera resolution "
                         "is too low for the classifier; use a higher magnification or resolution")
                     warned = True
                 msg = (f"{res.rbc} red cells, {res.positive} parasitized, cells {res.diameter_px:.0f} px, "
@@ -111,13 +112,6 @@ def run_session(items: Iterable[tuple[str, np.ndarray | str]], model: Loaded, ex
         write_session(sdir, summary)
         write_html(sdir, summary, overlays, gallery)
     return session, sdir, code
-
-
-def save_jpeg(path: Path, bgr: np.ndarray, quality: int = 88) -> None:
-    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise OSError(f"could not encode {path}")
-    atomic_write_bytes(path, buf.tobytes())
 
 
 def _model_input(rgb: np.ndarray, m: Loaded) -> np.ndarray:

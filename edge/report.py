@@ -50,10 +50,17 @@ def field_overlay(rgb: np.ndarray, res: FieldResult, max_width: int = MAX_WIDTH)
     return np.vstack([band, bgr])
 
 
-def _data_uri(bgr: np.ndarray, ext: str = ".jpg") -> str:
-    ok, buf = cv2.imencode(ext, bgr, [cv2.IMWRITE_JPEG_QUALITY, 85] if ext == ".jpg" else [])
+def encode(bgr: np.ndarray, ext: str = ".jpg", quality: int = 88) -> bytes:
+    ok, buf = cv2.imencode(ext, bgr, [cv2.IMWRITE_JPEG_QUALITY, quality] if ext == ".jpg" else [])
+    if not ok:
+        raise OSError(f"could not encode a {ext} picture")
+    return buf.tobytes()
+
+
+def data_uri(bgr: np.ndarray, ext: str = ".jpg") -> str:
+    """A picture inside the HTML itself, so report.html is one self-contained file."""
     mime = "jpeg" if ext == ".jpg" else "png"
-    return f"data:image/{mime};base64,{base64.b64encode(buf.tobytes()).decode()}"
+    return f"data:image/{mime};base64,{base64.b64encode(encode(bgr, ext, 85)).decode()}"
 
 
 def write_session(out: Path, summary: dict) -> Path:
@@ -62,9 +69,10 @@ def write_session(out: Path, summary: dict) -> Path:
     return path
 
 
-def write_html(out: Path, summary: dict, overlays: list[tuple[str, np.ndarray]],
+def write_html(out: Path, summary: dict, overlays: list[tuple[str, str]],
                gallery: list[tuple[str, int, float, np.ndarray, np.ndarray | None]]) -> Path:
-    """gallery: (field path, cell index, P(Parasitized), RGB crop, heat map or None) per positive cell."""
+    """overlays: (field path, data URI) per field; gallery: (field path, cell index, P(Parasitized), RGB crop,
+    heat map or None) per positive cell."""
     e = summary
     lo, hi = e["parasitemia_ci95"]
     pct = "n/a" if e["parasitemia_percent"] is None else f"{e['parasitemia_percent']:.2f}%"
@@ -73,12 +81,12 @@ def write_html(out: Path, summary: dict, overlays: list[tuple[str, np.ndarray]],
         f"<tr><td>{html.escape(Path(f['path']).name)}</td><td class='{f['status']}'>{f['status']}</td>"
         f"<td>{html.escape(f['reason'])}</td><td>{f['rbc_count']}</td><td>{f['positive_count']}</td>"
         f"<td>{f['cell_diameter_px']}</td><td>{f['quality'].get('focus', '')}</td></tr>" for f in e["fields"])
-    figs = "".join(f"<figure><img src='{_data_uri(img)}'><figcaption>{html.escape(name)}</figcaption></figure>"
-                   for name, img in overlays)
+    figs = "".join(f"<figure><img src='{uri}'><figcaption>{html.escape(name)}</figcaption></figure>"
+                   for name, uri in overlays)
     cards = []
     for name, idx, prob, rgb, heat in gallery:
         pic = gradcam_overlay(rgb, heat, "Parasitized", prob, panel=True)
-        cards.append(f"<div class='cell'><img src='{_data_uri(pic, '.png')}'><br>{html.escape(Path(name).name)} "
+        cards.append(f"<div class='cell'><img src='{data_uri(pic, '.png')}'><br>{html.escape(Path(name).name)} "
                      f"#{idx}<br>P(parasitized) {prob:.3f}<br><label><input type='checkbox'> confirmed</label></div>")
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>malaria-edge session report</title>
 <style>body{{font-family:sans-serif;margin:1.5em;max-width:1400px}} .big{{font-size:1.6em}}

@@ -14,7 +14,7 @@ from edge.metrics import operating_points, threshold_for_specificity
 from edge.parasitemia import estimate
 from edge.runtime import load_classifier
 from tests.conftest import DEV_MANIFEST, ROOT, run
-from train.fieldscore import GTPoint, exif_orientation, read_point_set, score
+from train.fieldscore import GTPoint, contains, exif_orientation, read_point_set, score
 from train.synthetic import SynthParams, load_crops, make_field
 
 FIELD = ROOT / "examples" / "field" / "IMG_20150614_124212.jpg"
@@ -66,8 +66,7 @@ def test_real_field_detection_recall_and_precision(real_detection):
 def test_white_cell_is_not_counted_as_a_red_cell(real_detection):
     wbc = [p for p in read_point_set(FIELD_GT, exif_orientation(FIELD)) if p.label == "White_Blood_Cell"]
     assert wbc
-    from train.fieldscore import _inside
-    assert not any(_inside(c, p.x, p.y) for p in wbc for c in real_detection.accepted)
+    assert not any(contains(c, p.x, p.y) for p in wbc for c in real_detection.accepted)
 
 
 def test_crops_are_cut_at_full_resolution_with_black_background(real_field, real_detection):
@@ -153,10 +152,7 @@ def test_counting_threshold_reaches_its_specificity():
 
 
 def _quality_reason(rgb):
-    det = detect(rgb)
-    s = det.scale
-    work = cv2.resize(rgb, None, fx=s, fy=s, interpolation=cv2.INTER_AREA) if s < 1 else rgb
-    return quality(rgb, det, work, QualityParams())[0]
+    return quality(rgb, detect(rgb), QualityParams())[0]
 
 
 def test_quality_gate_passes_the_real_field(real_field):

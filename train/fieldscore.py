@@ -52,7 +52,8 @@ def exif_orientation(path: Path) -> int:
         return int(im.getexif().get(0x0112, 1))
 
 
-def _inside(cell: Cell, x: float, y: float) -> bool:
+def contains(cell: Cell, x: float, y: float) -> bool:
+    """Whether the point (full-resolution pixels) lies on the cell's mask."""
     bx, by, bw, bh = cell.box
     i, j = int(y) - by, int(x) - bx
     return 0 <= i < bh and 0 <= j < bw and bool(cell.mask[i, j])
@@ -90,7 +91,7 @@ def score(cells: list[Cell], points: list[GTPoint], region: np.ndarray | None = 
         bx, by, bw, bh = c.box
         for i, p in enumerate(rbc):
             if bx <= p.x < bx + bw and by <= p.y < by + bh:
-                hits[i, j] = _inside(c, p.x, p.y)
+                hits[i, j] = contains(c, p.x, p.y)
     per_gt = hits.sum(1)
     counted = np.ones(len(ok), bool)
     if region is not None:
