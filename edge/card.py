@@ -40,6 +40,8 @@ class ModelCard:
     source_sha256: str = ""
     artifact_sha256: str = ""
     explainer: str = ""  # file name of the matching Grad-CAM explainer, beside this artifact
+    # explainers: "signed" = the output is the raw Grad-CAM sum for Parasitized; Uninfected's map is its negative
+    heatmap: str = ""
     metrics: dict = field(default_factory=dict)
     parity: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)

@@ -1,6 +1,7 @@
 """`edge-infer`: classify cell images, a video or a live camera on a CPU device, no TensorFlow."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -8,8 +9,11 @@ from pathlib import Path
 import click
 
 from edge.card import CardError
-from edge.results import Writer, format_for, open_output, summary
-from edge.runtime import ModelError, default_model, load_classifier, load_explainer_for
+from edge.options import RunOptions
+from edge.results import OutputError, Writer, open_results, summary
+from edge.runtime import ModelError, default_model, gate_failed, load_classifier, load_explainer_for
+
+RESULT_SUFFIXES = {".csv", ".jsonl", ".ndjson", ".json"}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,7 +40,15 @@ from edge.runtime import ModelError, default_model, load_classifier, load_explai
 @click.option("--retries", default=3, show_default=True, help="Live: reconnect attempts when the camera is lost.")
 @click.option("--retry-wait", default=1.0, show_default=True, help="Live: seconds between reconnect attempts.")
 @click.option("--show", is_flag=True, help="Live: show a window (needs a display and a GUI OpenCV; q quits).")
-@click.option("--quiet", "-q", is_flag=True, help="No per-image rows on the terminal, only the summary.")
+@click.option("--quiet", "-q", is_flag=True, help="No per-image rows on the terminal, only the summary and errors.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
+@click.option("--resume", is_flag=True,
+              help="Continue an existing --output file: inputs already in it are skipped (e.g. after a power cut).")
+@click.option("--gradcam-class", "evidence", type=click.Choice(["label", "Parasitized"]), default="label",
+              show_default=True, help="The class each Grad-CAM map explains: the label shown, or Parasitized "
+                                      "for every cell (the most suspicious spot of a negative call).")
+@click.option("--allow-failed-gate", is_flag=True,
+              help="Run a model whose card says it failed the export parity gate (a warning is printed every run).")
 @click.option("--field", "field_mode", is_flag=True,
               help="Whole fields: find every red cell, classify each, and count a corrected parasitemia over the "
                    "session (files, --video or --camera). Writes a session folder into --out.")
@@ -48,9 +60,10 @@ from edge.runtime import ModelError, default_model, load_classifier, load_explai
               help="Field: the patient's red cells per µL, for parasites/µL.")
 @click.option("--cell-diameter", type=float, default=None,
               help="Field: red-cell diameter in pixels (default: estimated from each image).")
+@click.version_option(package_name="malaria-edge", message="%(prog)s %(version)s")
 def main(paths, model_path, camera, video, gradcam, panel, out, output, fmt, threshold, threads, batch, interval,
-         max_frames, retries, retry_wait, show, quiet, field_mode, target_cells, operating_point, rbc_per_ul,
-         cell_diameter):
+         max_frames, retries, retry_wait, show, quiet, overwrite, resume, evidence, allow_failed_gate, field_mode,
+         target_cells, operating_point, rbc_per_ul, cell_diameter):
     """Classify blood-cell images as Parasitized or Uninfected.
 
     \b
@@ -60,8 +73,8 @@ def main(paths, model_path, camera, video, gradcam, panel, out, output, fmt, thr
 
     \b
     Examples:
-      edge-infer examples/ --gradcam --out runs/demo
-      edge-infer cells/ -q --output results.csv
+      edge-infer examples/cells/ --gradcam --out runs/demo
+      edge-infer cells/ -q --output runs/results.csv          (add --resume after an interruption)
       edge-infer --camera 0 --gradcam --interval 2
       edge-infer --video smear.mp4 --max-frames 50
       edge-infer --field examples/field/ --out runs/fields --output runs/cells.csv
@@ -74,8 +87,25 @@ def main(paths, model_path, camera, video, gradcam, panel, out, output, fmt, thr
     if output is not None and output.is_dir():
         raise click.UsageError(f"--output {output} is a folder: --output is the results file (.csv/.jsonl/.json); "
                                "--out is the folder for pictures and reports")
+    if out.suffix.lower() in RESULT_SUFFIXES:
+        raise click.UsageError(f"--out {out} looks like a results file: --out is the folder for pictures and "
+                               f"reports; write rows with --output {out}")
+    if overwrite and resume:
+        raise click.UsageError("--overwrite and --resume contradict each other: pick one")
+    if (overwrite or resume) and output is None:
+        raise click.UsageError("--overwrite and --resume apply to an --output file; none was given")
+    if resume and (field_mode or camera is not None or video is not None):
+        raise click.UsageError("--resume continues a run over image files; a field session or a live run "
+                               "starts its own session folder")
+    if field_mode and threshold is not None:
+        raise click.UsageError("--threshold with --field: the parasitemia correction needs the sensitivity and "
+                               "specificity measured at its threshold; choose a card's --operating-point instead")
     try:
-        model = load_classifier(model_path or default_model("field" if field_mode else "cell"), threads)
+        model = load_classifier(model_path or default_model("field" if field_mode else "cell"), threads,
+                                allow_failed_gate)
+        if gate_failed(model.card):
+            click.echo(f"warning: {model.path.name} {gate_failed(model.card)}: its labels may differ from the "
+                       "float model's", err=True)
         explainer = load_explainer_for(model, threads) if gradcam or (field_mode and model.card.explainer) else None
         if field_mode or operating_point:
             from edge.field import operating_point as op_of
@@ -84,53 +114,68 @@ def main(paths, model_path, camera, video, gradcam, panel, out, output, fmt, thr
             threshold = op_thr if threshold is None else threshold
     except (ModelError, CardError) as e:
         raise click.ClickException(str(e)) from None
-    if field_mode:
-        sys.exit(run_field(list(paths), camera, video, model, explainer, out, output, threshold, counts, op_name,
-                           target_cells, rbc_per_ul, cell_diameter, batch, interval, show, retries, retry_wait))
     thr = model.card.threshold if threshold is None else threshold
     if not 0 < thr < 1:
         raise click.UsageError("--threshold must be between 0 and 1")
-    if camera is not None or video is not None:
-        from edge.live import run_live
-        from edge.camera import Source, parse_camera
-        src = Source(str(video), is_file=True) if video is not None else parse_camera(camera)
-        sys.exit(run_live(src, model, thr, explainer, out, interval, max_frames, show, panel, retries, retry_wait))
-    sys.exit(run_files(list(paths), model, thr, explainer, out, output, fmt, batch, panel, quiet))
+    opts = RunOptions(out=out, output=output, output_mode="overwrite" if overwrite else "resume" if resume else "new",
+                      threshold=thr, evidence=evidence, fmt=fmt, batch=batch, panel=panel, quiet=quiet,
+                      interval=interval, max_frames=max_frames, show=show, retries=retries, retry_wait=retry_wait)
+    try:
+        if field_mode:
+            from edge.detect import DetectParams
+            from edge.field import FieldOptions
+            fopts = FieldOptions(thr, counts, op_name, target_cells, rbc_per_ul, batch, DetectParams(cell_diameter=cell_diameter))
+            sys.exit(run_field(list(paths), camera, video, model, explainer, opts, fopts))
+        if camera is not None or video is not None:
+            from edge.live import run_live
+            from edge.camera import Source, parse_camera
+            src = Source(str(video), is_file=True) if video is not None else parse_camera(camera)
+            sys.exit(run_live(src, model, explainer, opts))
+        sys.exit(run_files(list(paths), model, explainer, opts))
+    except OutputError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write results: {e.strerror or e}") from None
 
 
-def run_files(paths, model, thr, explainer, out, output, fmt, batch, panel, quiet) -> int:
+def run_files(paths, model, explainer, opts: RunOptions) -> int:
     from edge.gradcam import overlay, save_png
     from edge.infer import batches, classify, expand_paths
     files = expand_paths(paths)
     if not files:
         raise click.ClickException("no image files found in " + ", ".join(paths))
-    term = Writer(sys.stdout, fmt) if not quiet else None
-    try:
-        fh = open_output(output) if output else None
-    except OSError as e:
-        raise click.ClickException(f"cannot write {output}: {e.strerror or e}") from None
-    filewriter = Writer(fh, format_for(output)) if fh else None
+    filewriter, done = open_results(opts.output, mode=opts.output_mode) if opts.output else (None, set())
+    if done:
+        before = len(files)
+        files = [f for f in files if str(f) not in done]
+        click.echo(f"resuming {opts.output}: {before - len(files)} inputs already there, {len(files)} to go", err=True)
+    names = overlay_names(files) if explainer is not None else {}
+    term = Writer(sys.stdout, opts.fmt) if not opts.quiet else None
     n_ok = n_err = n_par = 0
     t0 = time.perf_counter()
     from tqdm import tqdm
-    bar = tqdm(total=len(files), unit="img", disable=not quiet or len(files) < 200, file=sys.stderr)
+    bar = tqdm(total=len(files), unit="img", disable=not opts.quiet or len(files) < 200, file=sys.stderr)
     try:
-        for items in batches(files, model.size, batch, keep_rgb=explainer is not None):
-            rows, heat = classify(items, model, thr, explainer)
+        for items in batches(files, model.size, opts.batch, keep_rgb=explainer is not None):
+            rows, heat, cls = classify(items, model, opts.threshold, explainer, opts.evidence)
             for w in (term, filewriter):
                 if w:
                     w.write(rows)
             if explainer is not None:
                 good = [(d, r) for d, r in zip(items, rows) if r.status == "ok"]
                 for k, (d, r) in enumerate(good):
-                    save_png(out / (overlay_name(d.path)), overlay(d.rgb, heat[k], r.label, r.prob_parasitized,
-                                                                   panel=panel))
+                    save_png(opts.out / names[d.path], overlay(d.rgb, heat[k], r.label, r.prob_parasitized,
+                                                               panel=opts.panel, heat_class=model.card.class_names[cls[k]]))
+            for r in rows:
+                if r.status == "error" and opts.quiet:
+                    click.echo(f"error: {r.path}: {r.error}", err=True)
             n_ok += sum(r.status == "ok" for r in rows)
             n_err += sum(r.status == "error" for r in rows)
             n_par += sum(r.label == "Parasitized" for r in rows)
             bar.update(len(rows))
     except KeyboardInterrupt:
-        click.echo("\ninterrupted: every finished row is saved", err=True)
+        click.echo("\ninterrupted: every finished row is saved" + (" (continue with --resume)" if filewriter else ""),
+                   err=True)
         click.echo(summary(n_ok, n_err, n_par), err=True)
         return 130
     finally:
@@ -138,45 +183,38 @@ def run_files(paths, model, thr, explainer, out, output, fmt, batch, panel, quie
         for w in (term, filewriter):
             if w:
                 w.close()
-        if fh:
-            fh.close()
     dt = time.perf_counter() - t0
-    click.echo(f"{summary(n_ok, n_err, n_par)}; {(n_ok + n_err) / dt:.0f} img/s with {model.path.name}", err=True)
+    click.echo(f"{summary(n_ok, n_err, n_par)}; {(n_ok + n_err) / max(dt, 1e-9):.0f} img/s with {model.path.name}",
+               err=True)
     if explainer is not None:
-        click.echo(f"Grad-CAM overlays in {out}/", err=True)
+        click.echo(f"Grad-CAM overlays in {opts.out}/", err=True)
     return 1 if n_err else 0
 
 
-def run_field(paths, camera, video, model, explainer, out, output, thr, counts, op_name, target_cells, rbc_per_ul,
-              cell_diameter, batch, interval, show, retries, retry_wait) -> int:
+def run_field(paths, camera, video, model, explainer, opts: RunOptions, fopts) -> int:
     from edge.camera import CameraError, Source, frames, has_gui, parse_camera
-    from edge.detect import DetectParams
-    from edge.field import FieldOptions
     from edge.fieldrun import file_items, frame_items, run_session
     from edge.infer import expand_paths
-    if not 0 < thr < 1:
-        raise click.UsageError("--threshold must be between 0 and 1")
-    opts = FieldOptions(thr, counts, op_name, target_cells, rbc_per_ul, batch, DetectParams(cell_diameter=cell_diameter))
     live = camera is not None or video is not None
     if live:
         src = Source(str(video), is_file=True) if video is not None else parse_camera(camera)
+        show = opts.show
         if show and not has_gui():
             click.echo("no display or no GUI in this OpenCV build (headless): running without a window", err=True)
             show = False
-        items = frame_items(frames(src, retries, retry_wait, log=lambda m: click.echo(m, err=True)), interval, show)
+        items = frame_items(frames(src, opts.retries, opts.retry_wait, log=lambda m: click.echo(m, err=True)),
+                            opts.interval, show)
     else:
         files = expand_paths(paths)
         if not files:
             raise click.ClickException("no image files found in " + ", ".join(paths))
         items = file_items(files)
     try:
-        session, sdir, code = run_session(items, model, explainer, opts, out, output, stop_at_target=live,
-                                          keep_frames=live)
+        session, sdir, code = run_session(items, model, explainer, fopts, opts.out, opts.output, stop_at_target=live,
+                                          keep_frames=live, output_mode=opts.output_mode)
     except CameraError as e:
         click.echo(f"error: {e}", err=True)
         return 1
-    except OSError as e:
-        raise click.ClickException(f"cannot write results: {e.strerror or e}") from None
     if live and not session.fields:
         click.echo(f"error: {src.describe()} gave no frames", err=True)
         code = code or 1
@@ -184,7 +222,7 @@ def run_field(paths, camera, video, model, explainer, out, output, thr, counts, 
     lo, hi = e.parasitemia_ci95
     pct = "n/a" if e.rbc_count == 0 else f"{e.parasitemia_percent:.2f}% (95% interval {lo:.2f}-{hi:.2f}%)"
     click.echo(f"parasitemia {pct}; {e.positive_count} of {e.rbc_count} red cells called parasitized "
-               f"(raw {e.raw_percent:.2f}%); target {opts.target_cells} "
+               f"(raw {e.raw_percent:.2f}%); target {fopts.target_cells} "
                f"{'reached' if session.target_reached else 'NOT reached'}; "
                f"{sum(f.status != 'ok' for f in session.fields)} of {len(session.fields)} fields not counted")
     click.echo(f"report: {sdir / 'report.html'}", err=True)
@@ -194,10 +232,12 @@ def run_field(paths, camera, video, model, explainer, out, output, thr, counts, 
     return code
 
 
-def overlay_name(path: Path) -> str:
-    """A unique, flat file name for an input's overlay."""
-    parts = [p for p in path.with_suffix("").parts if p not in ("/", "..", ".")]
-    return "__".join(parts[-3:]) + "_gradcam.png"
+def overlay_names(files: list[Path]) -> dict[Path, str]:
+    """A unique flat overlay file name per input: its path below the inputs' common folder, extension
+    kept (a.png and a.jpg differ), '/' as '__'."""
+    absolute = [f.resolve() for f in files]
+    root = Path(os.path.commonpath([a.parent for a in absolute])) if absolute else Path("/")
+    return {f: "__".join(a.relative_to(root).parts).replace(".", "_") + "_gradcam.png" for f, a in zip(files, absolute)}
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 overlay per field, session.json after every field, and report.html at the end."""
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -16,29 +14,10 @@ from edge.card import atomic_write_bytes
 from edge.gradcam import save_png
 from edge.images import ImageError, load_image
 from edge.report import data_uri, encode, field_overlay, write_html, write_session
-from edge.results import CELL_FIELDS, Writer, format_for, open_output
+from edge.results import CELL_FIELDS, open_results, session_dir
 from edge.runtime import Loaded
 
 CROP_MAX_SIDE = 400
-
-
-@dataclass
-class Outputs:
-    session_dir: Path
-    rows: Writer | None
-    fh: object | None
-
-
-def session_dir(out: Path) -> Path:
-    """A new folder per session under `out`: an earlier session is never overwritten."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    d = out / f"session-{stamp}"
-    k = 1
-    while d.exists():
-        k += 1
-        d = out / f"session-{stamp}-{k}"
-    (d / "overlays").mkdir(parents=True)
-    return d
 
 
 def cell_rows(res: FieldResult) -> list[dict]:
@@ -55,11 +34,13 @@ def _looks_like_one_cell(res: FieldResult) -> bool:
 
 def run_session(items: Iterable[tuple[str, np.ndarray | str]], model: Loaded, explainer: Loaded | None,
                 opts: FieldOptions, out: Path, output: Path | None, stop_at_target: bool = False,
-                keep_frames: bool = False, log=lambda m: click.echo(m, err=True)) -> tuple[Session, Path, int]:
-    """items: (name, RGB image) or (name, error message). Returns (session, its folder, exit code)."""
+                keep_frames: bool = False, log=lambda m: click.echo(m, err=True), output_mode: str = "new"
+                ) -> tuple[Session, Path, int]:
+    """items: (name, RGB image) or (name, error message). Returns (session, its folder, exit code).
+    The report's gallery holds the cells called Parasitized, so their maps explain that class."""
+    rows = open_results(output, CELL_FIELDS, output_mode)[0] if output else None
     sdir = session_dir(out)
-    fh = open_output(output) if output else None
-    rows = Writer(fh, format_for(output), CELL_FIELDS) if fh else None
+    (sdir / "overlays").mkdir()
     session = Session(opts)
     overlays, gallery, code, warned = [], [], 0, False
     try:
@@ -85,7 +66,7 @@ def run_session(items: Iterable[tuple[str, np.ndarray | str]], model: Loaded, ex
                 if keep_frames and res.status == "ok":
                     save_png(sdir / "fields" / f"{stem}.png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
                 for idx, rgb in res.crops.items():
-                    heat = explainer.explain(_model_input(rgb, explainer))[1][0] if explainer is not None else None
+                    heat = explainer.explain(_model_input(rgb, explainer), 1)[1][0] if explainer is not None else None
                     gallery.append((name, idx, res.cells[idx].prob_parasitized, rgb, heat))
                 small = opts.detect.small_cell_px
                 if res.status == "ok" and res.diameter_px < small and not warned:
@@ -106,8 +87,6 @@ def run_session(items: Iterable[tuple[str, np.ndarray | str]], model: Loaded, ex
     finally:
         if rows:
             rows.close()
-        if fh:
-            fh.close()
         summary = session.summary(model)
         write_session(sdir, summary)
         write_html(sdir, summary, overlays, gallery)

@@ -17,8 +17,9 @@ def upsample(heat: np.ndarray, w: int, h: int) -> np.ndarray:
 
 
 def overlay(rgb: np.ndarray, heat: np.ndarray | None, label: str, prob: float, alpha: float = 0.45,
-            panel: bool = False) -> np.ndarray:
-    """RGB image + heat map in [0,1] → annotated BGR picture (for cv2.imencode); no map: label only."""
+            panel: bool = False, heat_class: str | None = None) -> np.ndarray:
+    """RGB image + heat map in [0,1] → annotated BGR picture (for cv2.imencode); no map: label only.
+    The legend names the class the map explains (`heat_class`, default: the label's)."""
     h, w = rgb.shape[:2]
     scale = max(1.0, MIN_SIDE / min(h, w))
     if scale > 1:
@@ -36,7 +37,22 @@ def overlay(rgb: np.ndarray, heat: np.ndarray | None, label: str, prob: float, a
     band = np.full((34, body.shape[1], 3), 255, np.uint8)
     colour_txt = (0, 0, 200) if label == "Parasitized" else (0, 140, 0)
     cv2.putText(band, f"{label} {conf:.1%}", (6, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.65, colour_txt, 2, cv2.LINE_AA)
-    return np.vstack([band, body])
+    if heat is None:
+        return np.vstack([band, body])
+    legend = np.full((22, body.shape[1], 3), 255, np.uint8)
+    cv2.putText(legend, f"Grad-CAM: evidence for {heat_class or label}", (6, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                (60, 60, 60), 1, cv2.LINE_AA)
+    return np.vstack([band, body, legend])
+
+
+def classes_to_explain(probs: np.ndarray, threshold: float, evidence: str = "label") -> np.ndarray:
+    """Per image, the class its map shows: the displayed label's (1 Parasitized, 0 Uninfected), or
+    Parasitized for every cell (`evidence="Parasitized"`: the most suspicious spot of a negative call)."""
+    if evidence == "Parasitized":
+        return np.ones(len(probs), int)
+    if evidence != "label":
+        raise ValueError(f"evidence must be 'label' or 'Parasitized', not {evidence!r}")
+    return (np.asarray(probs) >= threshold).astype(int)
 
 
 def colour_bar(h: int, w: int = 46) -> np.ndarray:

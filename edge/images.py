@@ -25,14 +25,13 @@ def is_image_path(path: Path) -> bool:
 def to_rgb8(img: Image.Image) -> np.ndarray:
     """Grayscale, RGBA, palette, CMYK and 16-bit images become H×W×3 uint8 RGB."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img)
-        # 16-bit images use the full 0..65535 range; keep the top 8 bits.
-        arr = (arr.astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8) if arr.max() > 255 else arr.astype(np.uint8)
-        return np.repeat(arr[..., None], 3, axis=2)
-    if img.mode == "F":
-        arr = np.asarray(img)
-        scale = 255.0 if arr.max() <= 1.0 else 1.0
-        return np.repeat((arr * scale).clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
+        # Scaled by the bit depth (0..65535 → 0..255; Pillow opens 16-bit files as I;16 or I), never by
+        # the image's own maximum: a dark 16-bit image must stay dark.
+        arr = np.asarray(img).astype(np.int64)
+        return np.repeat((arr >> 8).clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    if img.mode == "F":  # float images are 0..1 by convention
+        arr = np.nan_to_num(np.asarray(img, np.float32))
+        return np.repeat(np.round(arr * 255).clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Transparent background → white, as a slide's background is bright.
         rgba = img.convert("RGBA")

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from edge.card import CardError, ModelCard, read_card
+from edge.card import CardError, ModelCard, card_path, read_card, sha256_file
 from edge.preprocess import to_model_input
 
 MODEL_SUFFIXES = (".tflite", ".onnx")
@@ -49,12 +49,22 @@ class Loaded:
         """P(Parasitized) per image, float32."""
         return self._outputs(images_u8)[0].reshape(len(images_u8), -1)[:, 0].astype(np.float32)
 
-    def explain(self, images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(P(Parasitized), Grad-CAM heat map in [0,1] at the conv layer's resolution) per image."""
+    def explain(self, images_u8: np.ndarray, classes) -> tuple[np.ndarray, np.ndarray]:
+        """(P(Parasitized), Grad-CAM heat map in [0,1] at the conv layer's resolution) per image, for the
+        class given per image (1 Parasitized, 0 Uninfected): the class whose label is displayed."""
+        if self.card.role != "explainer":
+            raise ModelError(f"{self.path}: is a {self.card.role}, not a Grad-CAM explainer")
         outs = self._outputs(images_u8)
         prob = next(o for o in outs if o.size == len(images_u8))
-        heat = next(o for o in outs if o.ndim == 3)
-        return prob.reshape(-1).astype(np.float32), heat.astype(np.float32)
+        cam = next(o for o in outs if o.ndim == 3)
+        return prob.reshape(-1).astype(np.float32), class_map(cam, classes)
+
+
+def class_map(cam: np.ndarray, classes) -> np.ndarray:
+    """Grad-CAM of a class from the explainer's signed map: ReLU of ±cam, scaled to [0,1] per image."""
+    sign = np.where(np.broadcast_to(np.asarray(classes), (len(cam),)) == 1, 1.0, -1.0).astype(np.float32)
+    heat = np.maximum(cam.astype(np.float32) * sign[:, None, None], 0)
+    return heat / (heat.max(axis=(1, 2), keepdims=True) + 1e-8)
 
 
 def dequantize(x: np.ndarray, q: tuple[float, int]) -> np.ndarray:
@@ -65,7 +75,8 @@ def dequantize(x: np.ndarray, q: tuple[float, int]) -> np.ndarray:
 
 
 def load(path: str | Path, threads: int | None = None) -> Loaded:
-    """Load an artifact and its card; every failure is a one-line ModelError."""
+    """Load an artifact and its card, checking the file is the one the card describes (sha256); every
+    failure is a one-line ModelError."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such model file")
@@ -77,15 +88,31 @@ def load(path: str | Path, threads: int | None = None) -> Loaded:
         card = read_card(path)
     except CardError as e:
         raise ModelError(str(e)) from None
+    if not card.artifact_sha256:
+        raise ModelError(f"{path}: its model card {card_path(path).name} records no artifact_sha256; re-export it")
+    if sha256_file(path) != card.artifact_sha256:
+        raise ModelError(f"{path}: file does not match its model card {card_path(path).name} (sha256 differs): "
+                         "the model or the card was changed or copied from another export")
     loader = _load_tflite if path.suffix == ".tflite" else _load_onnx
     return loader(path, card, threads)
 
 
-def load_classifier(path: str | Path, threads: int | None = None) -> Loaded:
+def load_classifier(path: str | Path, threads: int | None = None, allow_failed_gate: bool = False) -> Loaded:
+    """A classifier; one whose card says it failed the export parity gate is refused unless allowed."""
     m = load(path, threads)
     if m.card.role != "classifier":
         raise ModelError(f"{path}: is a {m.card.role}, not a classifier")
+    if gate_failed(m.card) and not allow_failed_gate:
+        raise ModelError(f"{path}: {gate_failed(m.card)}; pass --allow-failed-gate to run it anyway")
     return m
+
+
+def gate_failed(card: ModelCard) -> str:
+    """Why the card says its artifact failed the export parity gate, or '' when it did not."""
+    status = (card.parity or {}).get("status", "pass")
+    if status == "pass":
+        return ""
+    return f"failed the export parity gate ({status}: {(card.parity or {}).get('reason') or 'no reason recorded'})"
 
 
 def load_explainer_for(classifier: Loaded, threads: int | None = None) -> Loaded:
@@ -96,7 +123,15 @@ def load_explainer_for(classifier: Loaded, threads: int | None = None) -> Loaded
     path = classifier.path.with_name(name)
     if not path.exists():
         raise ModelError(f"{path}: Grad-CAM explainer named by the model card is missing")
-    return load(path, threads)
+    ex = load(path, threads)
+    if ex.card.role != "explainer":
+        raise ModelError(f"{path}: is a {ex.card.role}, not a Grad-CAM explainer")
+    if ex.card.source_sha256 != classifier.card.source_sha256:
+        raise ModelError(f"{path}: explainer comes from another model than {classifier.path.name} "
+                         "(source_sha256 differs); re-export both together")
+    if ex.card.heatmap != "signed":
+        raise ModelError(f"{path}: explainer from an older export (it explains one fixed class); re-export it")
+    return ex
 
 
 def _check_shape(path: Path, shape, card: ModelCard) -> None:
@@ -124,7 +159,7 @@ def _tf_importable() -> bool:
 def _load_tflite(path: Path, card: ModelCard, threads: int | None) -> Loaded:
     Interpreter = _interpreter_class()
     try:
-        interp = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count())
+        interp = Interpreter(model_path=str(path), num_threads=threads or cpu_count())
         interp.allocate_tensors()
     except (ValueError, RuntimeError) as e:
         raise ModelError(f"{path}: not a valid TFLite model ({str(e).splitlines()[0][:160]})") from None
@@ -149,7 +184,7 @@ def _load_tflite(path: Path, card: ModelCard, threads: int | None) -> Loaded:
 def _load_onnx(path: Path, card: ModelCard, threads: int | None) -> Loaded:
     import onnxruntime as ort
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.intra_op_num_threads = threads or cpu_count()
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     try:
@@ -165,6 +200,14 @@ def _load_onnx(path: Path, card: ModelCard, threads: int | None) -> Loaded:
         return sess.run(names, {inp.name: x})
 
     return Loaded(path, card, "onnxruntime", dtype, (1.0, 0), [(0.0, 0)] * len(names), run)
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (a container or taskset limits them), not the host's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def models_dirs() -> list[Path]:

@@ -1,8 +1,6 @@
 """The TensorFlow functions that every exporter converts: the classifier and its Grad-CAM explainer."""
 from __future__ import annotations
 
-import math
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -16,15 +14,10 @@ def serving_function(model, size: int):
     return serve
 
 
-def _logit_of(threshold: float) -> float:
-    t = min(max(threshold, 1e-6), 1 - 1e-6)
-    return math.log(t / (1 - t))
-
-
 def _cam(acts, weights):
-    """Grad-CAM map: ReLU of the channel-weighted sum, scaled to [0,1] per image."""
-    cam = tf.nn.relu(tf.reduce_sum(acts * weights, axis=-1))
-    return cam / (tf.reduce_max(cam, axis=[1, 2], keepdims=True) + 1e-8)
+    """The signed Grad-CAM sum for Parasitized. The Uninfected logit is its negative, so its map is the
+    negative too: one output explains either class (edge.runtime.class_map takes the ReLU and scales)."""
+    return tf.reduce_sum(acts * weights, axis=-1)
 
 
 def head_layers(model, layer: str) -> list:
@@ -32,11 +25,11 @@ def head_layers(model, layer: str) -> list:
     return model.layers[names.index(layer) + 1: names.index("logit") + 1]
 
 
-def gradcam(model, layer: str, threshold: float = 0.5):
-    """image → (prob, heatmap): standard Grad-CAM for the predicted class, in plain ops.
+def gradcam(model, layer: str):
+    """image → (prob, cam): standard Grad-CAM in plain ops, for whichever class the caller displays.
 
-    The channel weights are the spatial mean of d(class logit)/d(activations) — the logit, never
-    the probability (whose gradient does not convert), negated for Uninfected. The head between the
+    The channel weights are the spatial mean of d(logit)/d(activations) — the logit, never
+    the probability (whose gradient does not convert). The head between the
     conv layer and the logit (pooling, Flatten, Dropout, Dense) is differentiated by the explicit
     chain rule, because TFLite has no kernels for TensorFlow's gradient ops (ReluGrad,
     MaxPoolGrad, BroadcastGradientArgs). A non-overlapping max-pool routes each window's gradient
@@ -45,7 +38,6 @@ def gradcam(model, layer: str, threshold: float = 0.5):
     """
     feat = keras.Model(model.inputs, model.get_layer(layer).output)
     head = head_layers(model, layer)
-    logit_thr = _logit_of(threshold)
 
     def explain(image):
         acts = feat(image, training=False)
@@ -76,7 +68,7 @@ def gradcam(model, layer: str, threshold: float = 0.5):
             else:
                 raise NotImplementedError(f"Grad-CAM head: layer {type(l).__name__}")
         logit = x
-        g = tf.where(logit >= logit_thr, 1.0, -1.0)  # d(class logit)/d(logit)
+        g = tf.ones_like(logit)  # d(logit)/d(logit)
         for i, (kind, l, z) in reversed(list(enumerate(trace))):  # backward
             if kind == "dense":
                 g = tf.matmul(g if z is None else g * tf.cast(z > 0, tf.float32), l.kernel, transpose_b=True)
@@ -90,34 +82,26 @@ def gradcam(model, layer: str, threshold: float = 0.5):
                 g = g / (h * w)
         weights = tf.reshape(g, [-1, 1, 1, acts.shape[-1]]) if g.shape.rank == 2 else \
             tf.reduce_mean(g, axis=[1, 2], keepdims=True)
-        return {"prob": tf.reshape(tf.sigmoid(logit), [-1]), "heatmap": _cam(acts, weights)}
+        return {"prob": tf.reshape(tf.sigmoid(logit), [-1]), "cam": _cam(acts, weights)}
 
     return explain
 
 
-def gradcam_tape(model, layer: str, threshold: float = 0.5):
-    """The textbook GradientTape Grad-CAM: the reference for the exported plain-op version."""
-    feat = keras.Model(model.inputs, [model.get_layer(layer).output, model.get_layer("logit").output])
-    logit_thr = _logit_of(threshold)
-
-    def explain(image):
-        with tf.GradientTape() as tape:
-            acts, logit = feat(image, training=False)
-            tape.watch(acts)
-            target = tf.reduce_sum(logit * tf.stop_gradient(tf.where(logit >= logit_thr, 1.0, -1.0)))
-        grads = tape.gradient(target, acts)
-        weights = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)
-        return {"prob": tf.reshape(tf.sigmoid(logit), [-1]), "heatmap": _cam(acts, weights)}
-
-    return explain
-
-
-def explainer_function(model, layer: str, size: int, threshold: float = 0.5):
-    return tf.function(gradcam(model, layer, threshold),
+def explainer_function(model, layer: str, size: int):
+    return tf.function(gradcam(model, layer),
                        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="image")])
 
 
-def gradcam_reference(model, layer: str, images_u8: np.ndarray, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Eager GradientTape Grad-CAM on uint8 images: (prob, heatmap)."""
-    out = gradcam_tape(model, layer, threshold)(tf.constant(images_u8.astype(np.float32)))
-    return out["prob"].numpy(), out["heatmap"].numpy()
+def gradcam_reference(model, layer: str, images_u8: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The textbook tf.GradientTape Grad-CAM of each image's given class (1 Parasitized, 0 Uninfected):
+    (prob, heat map scaled to [0,1]), the reference the exported plain-op explainer is checked against."""
+    feat = keras.Model(model.inputs, [model.get_layer(layer).output, model.get_layer("logit").output])
+    sign = tf.constant(np.where(np.asarray(classes) == 1, 1.0, -1.0).reshape(-1, 1), tf.float32)
+    with tf.GradientTape() as tape:
+        acts, logit = feat(tf.constant(images_u8.astype(np.float32)), training=False)
+        tape.watch(acts)
+        target = tf.reduce_sum(logit * sign)  # the class logit: −logit is Uninfected's
+    weights = tf.reduce_mean(tape.gradient(target, acts), axis=[1, 2], keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(acts * weights, axis=-1))
+    cam = cam / (tf.reduce_max(cam, axis=[1, 2], keepdims=True) + 1e-8)
+    return tf.reshape(tf.sigmoid(logit), [-1]).numpy(), cam.numpy()

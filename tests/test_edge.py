@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from edge.images import load_image
+from edge.options import RunOptions
 from edge.preprocess import resize_rgb
 from edge.runtime import load_classifier, load_explainer_for
 from tests.conftest import ROOT, run
@@ -73,23 +74,40 @@ def test_tflite_and_onnx_give_the_same_labels(exported, cell_files):
         assert np.max(np.abs(a - b)) < (1e-4 if variant == "fp32" else 0.05)
 
 
-def test_gradcam_overlays_show_the_explainer_heat_map(exported, cell_files, tmp_path):
-    from edge.cli import overlay_name
+@pytest.mark.parametrize("threshold", ["0.001", "0.999"])
+def test_gradcam_overlay_explains_the_label_it_prints_at_any_threshold(exported, cell_files, tmp_path, threshold):
+    """At 0.001 every cell is called Parasitized, at 0.999 Uninfected: the saved map must be that class's."""
     from edge.gradcam import overlay
     model = exported / "tiny_fp32.onnx"
-    res = infer(*cell_files[:2], "--model", model, "--gradcam", "--out", tmp_path, "--batch", "1")
+    res = infer(*cell_files[:2], "--model", model, "--gradcam", "--out", tmp_path, "--batch", "1",
+                "--threshold", threshold)
     assert res.returncode == 0, res.stderr
+    label, cls = ("Parasitized", 1) if threshold == "0.001" else ("Uninfected", 0)
+    assert [r.split()[0] for r in res.stdout.splitlines()[1:]] == [label, label]
+    m = load_classifier(model)
     for p in cell_files[:2]:
-        saved = cv2.imread(str(tmp_path / overlay_name(p)))
-        assert saved is not None
-        m = load_classifier(model)
+        saved = cv2.imread(str(tmp_path / f"{p.stem}_webp_gradcam.png"))
         rgb = load_image(p)
         x = resize_rgb(rgb, 128)[None]
         prob = float(m.predict(x)[0])
-        _, heat = load_explainer_for(m).explain(x)
-        want = overlay(rgb, heat[0], "Parasitized" if prob >= 0.5 else "Uninfected", prob)
+        ex = load_explainer_for(m)
+        shown, other = ex.explain(x, cls)[1], ex.explain(x, 1 - cls)[1]
+        want = overlay(rgb, shown[0], label, prob, heat_class=label)
+        wrong = overlay(rgb, other[0], label, prob, heat_class=label)
         assert saved.shape == want.shape
         assert np.mean(np.abs(saved.astype(int) - want.astype(int))) < 1.0
+        assert np.mean(np.abs(saved.astype(int) - wrong.astype(int))) > 3.0
+
+
+def test_the_two_class_maps_never_light_up_the_same_spot(exported, cell_files):
+    """Grad-CAM of Uninfected is the ReLU of minus Parasitized's weighted sum: where one is hot the other is 0."""
+    m = load_classifier(exported / "tiny_fp32.tflite")
+    x = np.stack([resize_rgb(load_image(p), 128) for p in cell_files])
+    ex = load_explainer_for(m)
+    _, h1 = ex.explain(x, 1)
+    _, h0 = ex.explain(x, 0)
+    assert np.all(h1 * h0 == 0)
+    assert np.allclose(h1.max(axis=(1, 2)), 1, atol=1e-5) | np.allclose(h0.max(axis=(1, 2)), 1, atol=1e-5)
 
 
 def test_killed_run_keeps_every_finished_row(exported, cell_files, tmp_path):
@@ -127,13 +145,27 @@ def test_video_file_goes_through_the_camera_path(exported, cell_files, tmp_path)
     res = infer("--video", video, "--model", exported / "tiny_int8.tflite", "--gradcam", "--interval", "0",
                 "--out", tmp_path / "live")
     assert res.returncode == 0, res.stderr
-    rows = list(csv.DictReader(open(tmp_path / "live" / "live_results.csv")))
+    [sdir] = (tmp_path / "live").glob("session-*")
+    rows = list(csv.DictReader(open(sdir / "live_results.csv")))
     assert len(rows) == 10 and all(r["status"] == "ok" for r in rows)
-    assert len(list((tmp_path / "live" / "frames").glob("frame_*.png"))) == 10
+    assert len(list((sdir / "frames").glob("frame_*.png"))) == 10
     every_second = infer("--video", video, "--model", exported / "tiny_int8.tflite", "--interval", "1",
-                         "--out", tmp_path / "live2")
+                         "--out", tmp_path / "live")
     assert every_second.returncode == 0
-    assert len(list(csv.DictReader(open(tmp_path / "live2" / "live_results.csv")))) == 2  # t = 0 s and 1 s
+    sessions = sorted((tmp_path / "live").glob("session-*"))
+    assert len(sessions) == 2  # a second run never overwrites the first
+    assert len(list(csv.DictReader(open(sdir / "live_results.csv")))) == 10
+    [new] = [s for s in sessions if s != sdir]
+    assert len(list(csv.DictReader(open(new / "live_results.csv")))) == 2  # t = 0 s and 1 s
+
+
+def test_a_video_that_yields_no_frames_is_an_error(exported, tmp_path):
+    empty = tmp_path / "empty.avi"
+    w = cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), 5, (160, 160))
+    w.release()
+    res = infer("--video", empty, "--model", exported / "tiny_int8.tflite", "--out", tmp_path / "live",
+                "--retries", "0")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
 
 
 def test_missing_camera_is_a_clear_error_after_bounded_retries(exported, tmp_path):
@@ -154,7 +186,7 @@ def test_usage_and_model_errors_are_one_line(exported, cell_files, tmp_path):
     wrong.write_text("nonsense")
     (tmp_path / "model.onnx.card.json").write_text((exported / "tiny_int8.onnx.card.json").read_text())
     res = infer(cell_files[0], "--model", wrong)
-    assert res.returncode == 1 and "not a valid ONNX model" in res.stderr
+    assert res.returncode == 1 and "does not match its model card" in res.stderr and "Traceback" not in res.stderr
 
 
 BLOCK_TF = """
@@ -208,8 +240,9 @@ def test_camera_unplugged_mid_run_keeps_what_was_saved(exported, cell_files, tmp
 
     monkeypatch.setattr(camera, "open_capture", open_then_unplug)
     model = load_classifier(exported / "tiny_int8.tflite")
-    code = run_live(camera.Source(str(video), is_file=False), model, 0.5, None, tmp_path / "live", interval=0,
-                    max_frames=None, show=False, panel=False, retries=2, retry_wait=0.01)
+    opts = RunOptions(out=tmp_path / "live", threshold=0.5, interval=0, retries=2, retry_wait=0.01)
+    code = run_live(camera.Source(str(video), is_file=False), model, None, opts)
     assert code == 1
-    rows = list(csv.DictReader(open(tmp_path / "live" / "live_results.csv")))
-    assert len(rows) == 6 and len(list((tmp_path / "live" / "frames").glob("*.png"))) == 6
+    [sdir] = (tmp_path / "live").glob("session-*")
+    rows = list(csv.DictReader(open(sdir / "live_results.csv")))
+    assert len(rows) == 6 and len(list((sdir / "frames").glob("*.png"))) == 6

@@ -39,6 +39,23 @@ def test_16bit_keeps_the_top_8_bits():
     assert np.array_equal(rgb[..., 0], (arr >> 8).astype(np.uint8))
 
 
+def test_a_dark_16bit_image_stays_dark():
+    """Scaled by the bit depth, not stretched to its own maximum."""
+    arr = np.full((32, 32), 200 * 256, np.uint16)  # 200/255 of a 16-bit range would be bright; this is 200*256
+    arr[:16] = 40 * 256
+    rgb = decode_image(_png(Image.fromarray(arr)))
+    assert rgb[0, 0, 0] == 40 and rgb[-1, 0, 0] == 200
+    dim = decode_image(_png(Image.fromarray(np.full((8, 8), 255, np.uint16))))  # 255 of 65535: nearly black
+    assert dim.max() == 0
+
+
+def test_float_images_are_read_as_0_to_1():
+    arr = np.full((8, 8), 0.5, np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="F").save(buf, format="TIFF")
+    assert decode_image(buf.getvalue())[0, 0, 0] == 128
+
+
 def test_rgba_transparency_becomes_white():
     img = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
     assert (decode_image(_png(img)) == 255).all()

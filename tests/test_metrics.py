@@ -51,3 +51,23 @@ def test_parity_against_reference():
     assert d["delta_accuracy_pp"] == pytest.approx(100 * (0.3 - 0.7))
     same = M.parity(Y, P, P)
     assert same["agreement_pct"] == 100.0 and same["max_abs_dprob"] == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_agree_with_scikit_learn(seed):
+    from sklearn import metrics as S
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 500)
+    p = np.clip(0.35 * y + rng.random(500) * 0.65, 0, 1).round(2)  # rounding makes ties
+    w = rng.random(500) + 0.5
+    m = M.binary_metrics(y, p, 0.5)
+    pred = (p >= 0.5).astype(int)
+    assert m["accuracy"] == pytest.approx(S.accuracy_score(y, pred))
+    assert m["precision"] == pytest.approx(S.precision_score(y, pred))
+    assert m["recall"] == pytest.approx(S.recall_score(y, pred))
+    assert m["specificity"] == pytest.approx(S.recall_score(y, pred, pos_label=0))
+    assert m["f1"] == pytest.approx(S.f1_score(y, pred))
+    assert m["mcc"] == pytest.approx(S.matthews_corrcoef(y, pred))
+    assert m["auc"] == pytest.approx(S.roc_auc_score(y, p))
+    assert M.roc_auc(y, p, w) == pytest.approx(S.roc_auc_score(y, p, sample_weight=w))
+    assert np.allclose(M.confusion(y, pred), S.confusion_matrix(y, pred))

@@ -115,6 +115,25 @@ def test_rescoring_a_model_trained_elsewhere_keeps_its_training_record(tiny_mode
     assert info == record
 
 
+def test_rescoring_keeps_the_threshold_and_operating_points_set_on_the_card(tiny_model, prepared, tmp_path):
+    import shutil
+    from edge.card import read_card, write_card
+    from train.data import load_prepared
+    from train.report import finalize
+    from train.train import TrainConfig, train
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_model.parent, run_dir)
+    card = read_card(run_dir / "model.keras")
+    card.threshold, card.operating_points = 0.0234, {"counting": {"threshold": 0.9}}
+    write_card(run_dir / "model.keras", card)
+    data = load_prepared(prepared)
+    cfg = TrainConfig(recipe="cnn", epochs=0, verbose=0, init=str(run_dir / "model.keras"))
+    model, info = train(data, cfg, run_dir)
+    after = finalize(model, run_dir, data, cfg, info)
+    assert after.threshold == 0.0234 and after.operating_points == {"counting": {"threshold": 0.9}}
+    assert read_card(run_dir / "model.keras").threshold == 0.0234
+
+
 def test_evaluate_cli_writes_json_and_predictions(tiny_model, prepared, tmp_path):
     from tests.conftest import run
     res = run(["-m", "train.cli", "evaluate", str(tiny_model), "--data-dir", str(prepared), "--split", "test",

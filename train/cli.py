@@ -12,9 +12,12 @@ import click
 
 from edge.card import CardError
 from edge.images import ImageError
+from edge.results import OutputError
+from edge.runtime import ModelError
 from export.pipeline import FORMATS  # light: TensorFlow loads inside its functions
 
-_USER_ERRORS = (CardError, ImageError, FileNotFoundError)
+_USER_ERRORS = (CardError, ImageError, ModelError, OutputError, FileNotFoundError)
+SPLITS = click.Choice(["train", "val", "test"])
 
 
 def _fail_cleanly(fn):
@@ -197,7 +200,7 @@ def _ci(m, k):
 @click.argument("model_path", type=click.Path(path_type=Path, exists=True))
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data/prepared"), show_default=True,
               help="Prepared data with its split.")
-@click.option("--split", default="test", show_default=True, help="Which split of --data-dir.")
+@click.option("--split", type=SPLITS, default="test", show_default=True, help="Which split of --data-dir.")
 @click.option("--data", "folder", type=click.Path(path_type=Path), default=None,
               help="Instead of a split: any labelled folder (Parasitized/, Uninfected/; Kaggle layout too).")
 @click.option("--threshold", type=float, default=None, help="Default: the model card's threshold, else 0.5.")
@@ -280,7 +283,8 @@ def compare_cmd(models, figure):
 @click.option("--formats", default=",".join(FORMATS), show_default=True)
 @click.option("--name", default=None, help="Artifact name prefix (default: the model card's name).")
 @click.option("--calib", default=300, show_default=True, help="Calibration images (stratified, train split).")
-@click.option("--parity-split", default="test", show_default=True)
+@click.option("--parity-split", type=SPLITS, default="test", show_default=True,
+              help="The split the parity gate compares on.")
 @click.option("--max-parity", type=int, default=None, help="Cap the parity images (quick runs).")
 @click.option("--max-delta-pp", default=1.0, show_default=True, help="Gate: largest allowed accuracy drop (points).")
 @click.option("--min-agreement", default=99.0, show_default=True, help="Gate: least label agreement with float (%).")
@@ -291,11 +295,13 @@ def export_cmd(model_path, data_dir, out, formats, name, calib, parity_split, ma
     """Export to TFLite (fp32, fp16, dynamic, int8) and ONNX (fp32, int8 QDQ) with a parity gate.
 
     Each artifact runs through the edge runtime on the parity split and is compared with the float
-    Keras model; one that loses more than --max-delta-pp accuracy or agrees on fewer than
-    --min-agreement % of labels is reported as FAIL and the command exits 1.
+    Keras model; one that loses more than --max-delta-pp accuracy, or agrees on fewer than
+    --min-agreement % of labels at the card's threshold or any of its operating points, fails. All
+    files are staged and moved into --out only when every artifact passes: a failed export leaves
+    --out exactly as it was and exits 1.
     """
     from export.parity import Gate
-    from export.pipeline import ExplainerMismatch, export_data, export_model
+    from export.pipeline import ExplainerMismatch, ExportFailed, export_data, export_model
     fmts = [f.strip() for f in formats.split(",") if f.strip()]
     bad = [f for f in fmts if f not in FORMATS]
     if bad:
@@ -305,12 +311,11 @@ def export_cmd(model_path, data_dir, out, formats, name, calib, parity_split, ma
         rows = export_model(model_path, out, data, fmts, Gate(max_delta_pp, min_agreement), name,
                             explainer=not no_explainer, log=click.echo)
     except ExplainerMismatch as e:
+        raise click.ClickException(f"{e}; {out} left unchanged") from None
+    except ExportFailed as e:
+        click.echo(e.report)
         raise click.ClickException(str(e)) from None
     click.echo((out / "parity.md").read_text())
-    failed = [r for r in rows if r.status != "pass"]
-    if failed:
-        raise click.ClickException(f"{len(failed)} artifact(s) failed the parity gate: "
-                                   + ", ".join(f"{r.format} ({r.reason})" for r in failed))
 
 
 @main.command("bench")

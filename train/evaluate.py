@@ -23,11 +23,11 @@ class LabelledSet:
 
 
 def from_prepared(data_dir: Path, split: str) -> LabelledSet:
-    from train.data import load_prepared
+    from train.data import DataError, load_prepared
     d = load_prepared(data_dir)
     idx = d.indices(split)
     if len(idx) == 0:
-        raise ValueError(f"{data_dir}: split {split!r} is empty")
+        raise DataError(f"{data_dir}: split {split!r} is empty")
     kind = d.split_info.get("kind", "patient")
     return LabelledSet(np.asarray(d.images[idx]), d.labels[idx], [d.groups[i] for i in idx],
                        [d.relpaths[i] for i in idx], f"{split} split ({kind}-grouped, hash {d.split_info['hash']})"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.card import ModelCard
+from edge.card import CardError, ModelCard, read_card, write_card
 from edge.metrics import threshold_for_sensitivity
 from train import plots
 from train.data import Prepared
@@ -16,10 +16,12 @@ from train.train import TrainConfig, make_card, read_history
 def finalize(model, out: Path, data: Prepared, cfg: TrainConfig, info: dict,
              target_sensitivity: float | None = None) -> ModelCard:
     model_path = out / "model.keras"
+    kept = _unchanged_init_card(model, cfg) if target_sensitivity is None else None
     model.save(model_path)  # re-saved uncompiled: no optimizer state in the shipped file
     va, te = data.indices("val"), data.indices("test")
     p_val = keras_predict(model, np.asarray(data.images[va]))
-    threshold = 0.5 if target_sensitivity is None else threshold_for_sensitivity(data.labels[va], p_val, target_sensitivity)
+    threshold = (kept.threshold if kept else 0.5) if target_sensitivity is None else \
+        threshold_for_sensitivity(data.labels[va], p_val, target_sensitivity)
     kind = data.split_info.get("kind", "patient")
     metrics = {"split_kind": kind, "split_hash": data.split_info["hash"],
                "val": evaluate(data.labels[va], p_val, [data.groups[i] for i in va], threshold, None, "", reps=200)}
@@ -30,7 +32,27 @@ def finalize(model, out: Path, data: Prepared, cfg: TrainConfig, info: dict,
         save_json(out / "test_metrics.json", metrics["test"])
     if (out / "history.csv").exists():
         plots.training_curves(read_history(out / "history.csv"), out / "training_curves.png", cfg.recipe)
-    return make_card(model_path, cfg, data, info, threshold, metrics)
+    card = make_card(model_path, cfg, data, info, threshold, metrics)
+    if kept and kept.operating_points:
+        card.operating_points = kept.operating_points
+        write_card(model_path, card)
+    return card
+
+
+def _unchanged_init_card(model, cfg: TrainConfig) -> ModelCard | None:
+    """The --init model's card when this run left its weights exactly as they were (`--epochs 0`, a
+    re-score): its threshold and operating points, set by `evaluate --update-card`, still hold."""
+    if not cfg.init:
+        return None
+    import keras
+    try:
+        card = read_card(cfg.init)
+    except CardError:
+        return None
+    before = keras.models.load_model(cfg.init, compile=False).get_weights()
+    after = model.get_weights()
+    same = len(before) == len(after) and all(np.array_equal(a, b) for a, b in zip(before, after))
+    return card if same else None
 
 
 def comparison(model_paths: list[Path], figure: Path | None = None) -> str:
