@@ -27,7 +27,7 @@ def cell_rows(res: FieldResult) -> list[dict]:
              "status": c.status if res.status == "ok" else f"field {res.status}"} for c in res.cells]
 
 
-def _looks_like_one_cell(res: FieldResult) -> bool:
+def looks_like_one_cell(res: FieldResult) -> bool:
     """A single cell crop (the NIH crops are 40-394 px): too small to hold a field of cells worth counting."""
     return max(res.width, res.height) <= CROP_MAX_SIDE
 
@@ -52,7 +52,7 @@ def run_session(items: Iterable[tuple[str, np.ndarray | str]], model: Loaded, ex
                 code = 1
             else:
                 res = analyze(img, name, model, opts)
-                if _looks_like_one_cell(res):
+                if looks_like_one_cell(res):
                     res.status, res.reason = "error", "looks like a single cell crop, not a field: run without --field"
                     code = 1
                 session.add(res)

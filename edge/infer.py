@@ -43,17 +43,23 @@ FIELD_PIXELS = 36  # × the model's input area: an image this large is many cell
 MAX_ASPECT = 3.0  # the NIH crops' longest side is at most 2.6× the shortest (1 of 22,061 over 2.5)
 
 
+def not_a_cell(rgb: np.ndarray, size: int) -> str:
+    """Why an image cannot be one cell crop for a model of this input size, or '' when it can be."""
+    h, w = rgb.shape[:2]
+    if h * w > FIELD_PIXELS * size * size:
+        return f"{w}x{h} px looks like a whole field, not one cell: use --field"
+    if max(h, w) > MAX_ASPECT * min(h, w):
+        return f"{w}x{h} px is far from square: not a single cell crop (a field or a strip of cells? use --field)"
+    return ""
+
+
 def _decode(path: Path, size: int, keep: bool) -> Decoded:
     try:
         rgb = load_image(path)
     except ImageError as e:
         return Decoded(path, None, None, str(e).removeprefix(f"{path}: "))
-    h, w = rgb.shape[:2]
-    if h * w > FIELD_PIXELS * size * size:
-        return Decoded(path, None, None, f"{w}x{h} px looks like a whole field, not one cell: use --field")
-    if max(h, w) > MAX_ASPECT * min(h, w):
-        return Decoded(path, None, None, f"{w}x{h} px is far from square: not a single cell crop "
-                                         "(a field or a strip of cells? use --field)")
+    if why := not_a_cell(rgb, size):
+        return Decoded(path, None, None, why)
     return Decoded(path, rgb if keep else None, resize_rgb(rgb, size))
 
 

@@ -362,5 +362,26 @@ def bench_fields_cmd(model_path, data_dir, crops, fields_root, sessions, out):
     click.echo(markdown(res))
 
 
+@main.command("app")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 lets a phone or laptop on the local network open it.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8501, show_default=True)
+def app_cmd(host, port):
+    """The browser app (Streamlit) on the edge runtime: cells and fields, Grad-CAM, reports.
+
+    Needs the app extra: pip install -e ".[app]". No TensorFlow: it runs on the Pi beside the microscope.
+    """
+    import importlib.util
+    import os
+    if importlib.util.find_spec("streamlit") is None:
+        raise click.ClickException("the app needs Streamlit: pip install -e \".[app]\"")
+    from edge import app
+    click.echo(f"malaria-edge app on http://{host}:{port} (Ctrl-C stops it)", err=True)
+    args = [sys.executable, "-m", "streamlit", "run", app.__file__, "--server.address", host,
+            "--server.port", str(port), "--server.maxUploadSize", str(app.MAX_UPLOAD_MB), "--server.headless", "true",
+            "--browser.gatherUsageStats", "false", "--global.developmentMode", "false", "--client.toolbarMode", "minimal"]
+    os.execv(sys.executable, args)  # this process becomes the server: Ctrl-C and kill reach it directly
+
+
 if __name__ == "__main__":
     main()
