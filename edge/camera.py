@@ -1,4 +1,4 @@
-"""Frames from a camera (index, device path, URL or GStreamer pipeline) or a video file.
+"""Frames from a camera (index, device path, URL, GStreamer pipeline, or the Pi's CSI camera) or a video file.
 
 A video file goes through the same `cv2.VideoCapture` code as a camera, which is how the live
 path is tested without one. A camera that fails to open, or stops delivering frames (unplugged,
@@ -27,20 +27,95 @@ class Source:
         return f"video {self.spec}" if self.is_file else f"camera {self.spec}"
 
 
+PICAM = "picam"
+PICAM_SIZE = (2028, 1520)  # the HQ camera's 2×2-binned mode: full field of view, fast readout
+
+
 def parse_camera(spec: str) -> Source:
-    """'0' → index 0; '/dev/video2', 'rtsp://…' or a GStreamer pipeline ('… ! appsink') as given."""
+    """'auto' → the Pi's CSI camera on a Pi that has one, else index 0; 'picam' → the CSI camera;
+    '0' → index 0; '/dev/video2', 'rtsp://…' or a GStreamer pipeline ('… ! appsink') as given."""
+    if spec == "auto":
+        spec = PICAM if is_raspberry_pi() and picamera2_cameras() else "0"
     return Source(int(spec) if spec.isdigit() else spec, is_file=False)
 
 
-def open_capture(src: Source) -> cv2.VideoCapture:
-    if isinstance(src.spec, str) and "!" in src.spec:
+def is_raspberry_pi() -> bool:
+    try:
+        with open("/proc/device-tree/model") as f:
+            return "Raspberry Pi" in f.read()
+    except OSError:
+        return False
+
+
+def picamera2_cameras() -> list:
+    """The cameras libcamera sees, or [] when Picamera2 is not installed (it comes from apt, not pip)."""
+    try:
+        from picamera2 import Picamera2
+        return list(Picamera2.global_camera_info())
+    except Exception:  # ImportError, or libcamera failing to start
+        return []
+
+
+class PicameraCapture:
+    """The Pi's CSI camera through Picamera2 (libcamera, which OpenCV's pip wheels cannot open), behind
+    the part of cv2.VideoCapture's interface that `frames` uses: isOpened, read, get, release."""
+
+    def __init__(self, size: tuple[int, int] = PICAM_SIZE):
+        try:
+            from picamera2 import Picamera2
+        except ImportError:
+            raise CameraError("the Pi camera needs Picamera2: sudo apt install python3-picamera2, in a venv made "
+                              "with --system-site-packages") from None
+        self.cam = None
+        try:
+            cam = Picamera2()
+            # "RGB888" is libcamera's name for bytes in B, G, R order: OpenCV's BGR, no conversion
+            cam.configure(cam.create_video_configuration(main={"size": size, "format": "RGB888"}))
+            cam.start()
+            self.cam = cam
+        except Exception as e:  # no camera attached, or busy: Picamera2 raises IndexError or RuntimeError
+            self.reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+
+    def isOpened(self) -> bool:  # noqa: N802 (cv2.VideoCapture's name)
+        return self.cam is not None
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        try:
+            return True, self.cam.capture_array("main")
+        except Exception:
+            return False, None
+
+    def get(self, prop) -> float:
+        return 0.0
+
+    def release(self) -> None:
+        if self.cam is not None:
+            try:
+                self.cam.stop()
+                self.cam.close()
+            finally:
+                self.cam = None
+
+
+def has_gstreamer() -> bool:
+    line = next((ln for ln in cv2.getBuildInformation().splitlines() if "GStreamer:" in ln), "")
+    return "YES" in line
+
+
+def open_capture(src: Source):
+    if src.spec == PICAM:
+        cap = PicameraCapture()
+    elif isinstance(src.spec, str) and "!" in src.spec:
+        if not has_gstreamer():
+            raise CameraError("this OpenCV was built without GStreamer, so it cannot open a pipeline (pip wheels "
+                              "never have it): use --camera picam for the Pi camera, or Debian's python3-opencv")
         cap = cv2.VideoCapture(src.spec, cv2.CAP_GSTREAMER)  # e.g. a libcamera pipeline on a Pi
     else:
         cap = cv2.VideoCapture(src.spec)
     if not cap.isOpened():
+        why = getattr(cap, "reason", "") or ("" if src.is_file else "not connected, busy, or no permission")
         cap.release()
-        raise CameraError(f"{src.describe()} could not be opened"
-                          + ("" if src.is_file else " (not connected, busy, or no permission)"))
+        raise CameraError(f"{src.describe()} could not be opened" + (f" ({why})" if why else ""))
     return cap
 
 
@@ -58,8 +133,9 @@ def frames(src: Source, retries: int = 3, retry_wait: float = 1.0, log=print) ->
                 try:
                     cap = open_capture(src)
                     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
-                except CameraError:
-                    if src.is_file or attempt >= retries:
+                except CameraError as e:
+                    if src.is_file or attempt >= retries or "built without GStreamer" in str(e) \
+                            or "needs Picamera2" in str(e):
                         raise
                     attempt += 1
                     log(f"{src.describe()} unavailable; retry {attempt}/{retries} in {retry_wait:g} s")

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import click
 
-from edge.card import CardError
+from edge.card import CardError, read_card
+from edge.classifier import Classifier
 from edge.options import RunOptions
 from edge.results import OutputError, Writer, open_results, summary
-from edge.runtime import ModelError, default_model, gate_failed, load_classifier, load_explainer_for
+from edge.runtime import ModelError, default_model, gate_failed
 
 RESULT_SUFFIXES = {".csv", ".jsonl", ".ndjson", ".json"}
 
@@ -20,8 +21,9 @@ RESULT_SUFFIXES = {".csv", ".jsonl", ".ndjson", ".json"}
 @click.argument("paths", nargs=-1)
 @click.option("--model", "-m", "model_path", type=click.Path(path_type=Path), default=None,
               help="A .tflite or .onnx artifact with its .card.json. Default: the shipped int8 model.")
-@click.option("--camera", default=None, is_flag=False, flag_value="0", metavar="[INDEX|URL]",
-              help="Live camera: an index (default 0), a device path, a URL or a GStreamer pipeline.")
+@click.option("--camera", default=None, is_flag=False, flag_value="auto", metavar="[picam|INDEX|URL]",
+              help="Live camera: picam (the Raspberry Pi's CSI camera, via Picamera2), an index, a device path, a URL "
+                   "or a GStreamer pipeline. Alone: the Pi camera on a Pi that has one, else index 0.")
 @click.option("--video", type=click.Path(path_type=Path), default=None, help="A video file, read like a camera.")
 @click.option("--gradcam", is_flag=True, help="Save a Grad-CAM overlay PNG per input into --out.")
 @click.option("--panel", is_flag=True, help="With --gradcam: original and overlay side by side.")
@@ -101,44 +103,46 @@ def main(paths, model_path, camera, video, gradcam, panel, out, output, fmt, thr
         raise click.UsageError("--threshold with --field: the parasitemia correction needs the sensitivity and "
                                "specificity measured at its threshold; choose a card's --operating-point instead")
     try:
-        model = load_classifier(model_path or default_model("field" if field_mode else "cell"), threads,
-                                allow_failed_gate)
-        if gate_failed(model.card):
-            click.echo(f"warning: {model.path.name} {gate_failed(model.card)}: its labels may differ from the "
-                       "float model's", err=True)
-        explainer = load_explainer_for(model, threads) if gradcam or (field_mode and model.card.explainer) else None
-        if field_mode or operating_point:
-            from edge.field import operating_point as op_of
-            op_name = operating_point or "counting"
-            op_thr, counts = op_of(model, op_name)
-            threshold = op_thr if threshold is None else threshold
+        clf = Classifier.load(model_path, mode="field" if field_mode else "cell", threshold=threshold,
+                              operating_point=operating_point or ("counting" if field_mode else None),
+                              gradcam=gradcam or field_mode and _has_explainer(model_path, field_mode),
+                              threads=threads, allow_failed_gate=allow_failed_gate)
     except (ModelError, CardError) as e:
         raise click.ClickException(str(e)) from None
-    thr = model.card.threshold if threshold is None else threshold
-    if not 0 < thr < 1:
-        raise click.UsageError("--threshold must be between 0 and 1")
+    if gate_failed(clf.model.card):
+        click.echo(f"warning: {clf.model.path.name} {gate_failed(clf.model.card)}: its labels may differ from the "
+                   "float model's", err=True)
     opts = RunOptions(out=out, output=output, output_mode="overwrite" if overwrite else "resume" if resume else "new",
-                      threshold=thr, evidence=evidence, fmt=fmt, batch=batch, panel=panel, quiet=quiet,
+                      threshold=clf.threshold, evidence=evidence, fmt=fmt, batch=batch, panel=panel, quiet=quiet,
                       interval=interval, max_frames=max_frames, show=show, retries=retries, retry_wait=retry_wait)
     try:
         if field_mode:
             from edge.detect import DetectParams
             from edge.field import FieldOptions
-            fopts = FieldOptions(thr, counts, op_name, target_cells, rbc_per_ul, batch, DetectParams(cell_diameter=cell_diameter))
-            sys.exit(run_field(list(paths), camera, video, model, explainer, opts, fopts))
+            fopts = FieldOptions(clf.threshold, clf.counts, clf.operating_point, target_cells, rbc_per_ul, batch,
+                                 DetectParams(cell_diameter=cell_diameter))
+            sys.exit(run_field(list(paths), camera, video, clf, opts, fopts))
         if camera is not None or video is not None:
             from edge.live import run_live
             from edge.camera import Source, parse_camera
             src = Source(str(video), is_file=True) if video is not None else parse_camera(camera)
-            sys.exit(run_live(src, model, explainer, opts))
-        sys.exit(run_files(list(paths), model, explainer, opts))
+            sys.exit(run_live(src, clf, opts))
+        sys.exit(run_files(list(paths), clf, opts))
     except OutputError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(f"cannot write results: {e.strerror or e}") from None
 
 
-def run_files(paths, model, explainer, opts: RunOptions) -> int:
+def _has_explainer(model_path, field_mode: bool) -> bool:
+    """Field reports show Grad-CAM of the positive cells when the model ships an explainer."""
+    try:
+        return bool(read_card(model_path or default_model("field" if field_mode else "cell")).explainer)
+    except (CardError, ModelError):
+        return False
+
+
+def run_files(paths, clf: Classifier, opts: RunOptions) -> int:
     from edge.gradcam import overlay, save_png
     from edge.infer import batches, classify, expand_paths
     files = expand_paths(paths)
@@ -149,23 +153,23 @@ def run_files(paths, model, explainer, opts: RunOptions) -> int:
         before = len(files)
         files = [f for f in files if str(f) not in done]
         click.echo(f"resuming {opts.output}: {before - len(files)} inputs already there, {len(files)} to go", err=True)
-    names = overlay_names(files) if explainer is not None else {}
+    names = overlay_names(files) if clf.explainer is not None else {}
     term = Writer(sys.stdout, opts.fmt) if not opts.quiet else None
     n_ok = n_err = n_par = 0
     t0 = time.perf_counter()
     from tqdm import tqdm
     bar = tqdm(total=len(files), unit="img", disable=not opts.quiet or len(files) < 200, file=sys.stderr)
     try:
-        for items in batches(files, model.size, opts.batch, keep_rgb=explainer is not None):
-            rows, heat, cls = classify(items, model, opts.threshold, explainer, opts.evidence)
+        for items in batches(files, clf.size, opts.batch, keep_rgb=clf.explainer is not None):
+            rows, heat, cls = classify(items, clf, opts.evidence)
             for w in (term, filewriter):
                 if w:
                     w.write(rows)
-            if explainer is not None:
+            if heat is not None:
                 good = [(d, r) for d, r in zip(items, rows) if r.status == "ok"]
                 for k, (d, r) in enumerate(good):
                     save_png(opts.out / names[d.path], overlay(d.rgb, heat[k], r.label, r.prob_parasitized,
-                                                               panel=opts.panel, heat_class=model.card.class_names[cls[k]]))
+                                                               panel=opts.panel, heat_class=clf.model.card.class_names[cls[k]]))
             for r in rows:
                 if r.status == "error" and opts.quiet:
                     click.echo(f"error: {r.path}: {r.error}", err=True)
@@ -184,14 +188,14 @@ def run_files(paths, model, explainer, opts: RunOptions) -> int:
             if w:
                 w.close()
     dt = time.perf_counter() - t0
-    click.echo(f"{summary(n_ok, n_err, n_par)}; {(n_ok + n_err) / max(dt, 1e-9):.0f} img/s with {model.path.name}",
+    click.echo(f"{summary(n_ok, n_err, n_par)}; {(n_ok + n_err) / max(dt, 1e-9):.0f} img/s with {clf.model.path.name}",
                err=True)
-    if explainer is not None:
+    if clf.explainer is not None:
         click.echo(f"Grad-CAM overlays in {opts.out}/", err=True)
     return 1 if n_err else 0
 
 
-def run_field(paths, camera, video, model, explainer, opts: RunOptions, fopts) -> int:
+def run_field(paths, camera, video, clf: Classifier, opts: RunOptions, fopts) -> int:
     from edge.camera import CameraError, Source, frames, has_gui, parse_camera
     from edge.fieldrun import file_items, frame_items, run_session
     from edge.infer import expand_paths
@@ -210,7 +214,7 @@ def run_field(paths, camera, video, model, explainer, opts: RunOptions, fopts) -
             raise click.ClickException("no image files found in " + ", ".join(paths))
         items = file_items(files)
     try:
-        session, sdir, code = run_session(items, model, explainer, fopts, opts.out, opts.output, stop_at_target=live,
+        session, sdir, code = run_session(items, clf.model, clf.explainer, fopts, opts.out, opts.output, stop_at_target=live,
                                           keep_frames=live, output_mode=opts.output_mode)
     except CameraError as e:
         click.echo(f"error: {e}", err=True)

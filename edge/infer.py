@@ -9,12 +9,11 @@ from typing import Iterator
 
 import numpy as np
 
-from edge.card import label_of
-from edge.gradcam import classes_to_explain
+from edge.classifier import Classifier
 from edge.images import ImageError, is_image_path, load_image
 from edge.preprocess import resize_rgb
 from edge.results import Row
-from edge.runtime import Loaded, cpu_count
+from edge.runtime import cpu_count
 
 
 def expand_paths(inputs: list[str]) -> list[Path]:
@@ -77,25 +76,25 @@ def batches(paths: list[Path], size: int, batch: int, keep_rgb: bool = False, wo
             yield [f.result() for f in current]
 
 
-def classify(items: list[Decoded], model: Loaded, threshold: float, explainer: Loaded | None = None,
-             evidence: str = "label") -> tuple[list[Row], np.ndarray | None, np.ndarray | None]:
+def classify(items: list[Decoded], clf: Classifier, evidence: str = "label"
+             ) -> tuple[list[Row], np.ndarray | None, np.ndarray | None]:
     """Rows for one decoded batch (errors included, in order), and for the good ones the heat maps and the
-    class each explains (the label shown, unless evidence="Parasitized")."""
+    class each explains (the label shown, unless evidence="Parasitized") when the classifier has an explainer."""
     good = [d for d in items if d.x is not None]
     probs, heat, cls = np.zeros(0), None, None
     if good:
         x = np.stack([d.x for d in good])
-        probs = model.predict(x)
-        if explainer is not None:
-            cls = classes_to_explain(probs, threshold, evidence)
-            _, heat = explainer.explain(x, cls)
-    name = model.path.name
+        if clf.explainer is not None:
+            probs, heat, cls = clf.explain(x, evidence)
+        else:
+            probs = clf.probabilities(x)
+    name = clf.model.path.name
     rows, k = [], 0
     for d in items:
         if d.x is None:
             rows.append(Row(str(d.path), "", None, name, "error", d.error))
         else:
             p = float(probs[k])
-            rows.append(Row(str(d.path), label_of(p, threshold, model.card.class_names), p, name, "ok"))
+            rows.append(Row(str(d.path), clf.prediction(p).label, p, name, "ok"))
             k += 1
     return rows, heat, cls

@@ -3,21 +3,19 @@ from __future__ import annotations
 
 import click
 import cv2
-import numpy as np
 
 from edge.camera import CameraError, Source, frames, has_gui
-from edge.card import label_of
-from edge.gradcam import classes_to_explain, overlay, save_png
+from edge.classifier import Classifier
+from edge.gradcam import overlay, save_png
 from edge.options import RunOptions
 from edge.preprocess import resize_rgb
 from edge.results import Row, open_results, session_dir, summary
-from edge.runtime import Loaded
 
 
-def run_live(src: Source, model: Loaded, explainer: Loaded | None, opts: RunOptions) -> int:
+def run_live(src: Source, clf: Classifier, opts: RunOptions) -> int:
     """Classify frames into a new session folder under opts.out. Returns the exit code: 0 on a clean end
     (video over, q, --max-frames), 1 if the camera failed or gave no frame, 130 on Ctrl-C."""
-    thr, interval, show, max_frames = opts.threshold, opts.interval, opts.show, opts.max_frames
+    interval, show, max_frames = opts.interval, opts.show, opts.max_frames
     sdir = session_dir(opts.out)
     (sdir / "frames").mkdir()
     if show and not has_gui():
@@ -38,16 +36,19 @@ def run_live(src: Source, model: Loaded, explainer: Loaded | None, opts: RunOpti
                 continue
             last_t = t
             rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-            x = resize_rgb(rgb, model.size)[None]
-            prob = float(model.predict(x)[0])
-            cls = classes_to_explain(np.array([prob]), thr, opts.evidence)
-            heat = explainer.explain(x, cls)[1][0] if explainer is not None else None
-            label = label_of(prob, thr, model.card.class_names)
+            x = resize_rgb(rgb, clf.size)[None]
+            heat, cls = None, None
+            if clf.explainer is not None:
+                probs, heats, classes = clf.explain(x, opts.evidence)
+                prob, heat, cls = float(probs[0]), heats[0], clf.model.card.class_names[classes[0]]
+            else:
+                prob = float(clf.probabilities(x)[0])
+            label = clf.prediction(prob).label
             name = f"frame_{n:06d}.png"
-            annotated = overlay(rgb, heat, label, prob, panel=opts.panel, heat_class=model.card.class_names[cls[0]])
+            annotated = overlay(rgb, heat, label, prob, panel=opts.panel, heat_class=cls)
             save_png(sdir / "frames" / name, annotated)
             for w in [writer, *extra]:
-                w.write([Row(f"{src.spec}#{n}", label, prob, model.path.name, "ok")])
+                w.write([Row(f"{src.spec}#{n}", label, prob, clf.model.path.name, "ok")])
             n_ok += 1
             n_par += label == "Parasitized"
             click.echo(f"frame {n:6d}  t={t:7.2f}s  {label:<11} p={prob:.3f}", err=True)

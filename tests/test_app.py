@@ -84,12 +84,19 @@ def test_switching_model_uses_that_models_card():
     ("notes.png", b"hello, not an image", "not an image"),
     ("cut.png", None, "truncated or corrupt"),
     ("field.jpg", "field", "use the Fields tab"),
+    ("huge.png", "huge", "too large"),
 ])
 def test_a_bad_upload_is_a_message_and_the_app_keeps_working(name, data, message):
     if data is None:
         data = PARASITIZED[0].read_bytes()[:300]
     elif data == "field":
         data = FIELD.read_bytes()
+    elif data == "huge":  # 56 MP: over the decoder's pixel limit, though the file is small
+        import io
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.new("L", (8000, 7000), 200).save(buf, format="PNG")
+        data = buf.getvalue()
     at = started()
     at.file_uploader(key="cells").set_value([(name, data, "image/png"), upload(UNINFECTED[0])])
     at.run()
@@ -155,7 +162,7 @@ def served(tmp_path_factory):
     """`malaria-edge app` on a free local port, as a user starts it."""
     import urllib.request
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "train.cli", "app", "--port", str(port)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "malaria_edge", "app", "--port", str(port)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60

@@ -15,7 +15,7 @@ def bench_result(tiny_model, exported, prepared, tmp_path_factory):
     for f in (tiny_model, tiny_model.with_name(tiny_model.name + ".card.json")):
         shutil.copy(f, d / f.name)
     out = d.parent / "results"
-    res = run(["-m", "train.cli", "bench", str(d), "--data", str(prepared), "--out", str(out), "--threads", "1",
+    res = run(["-m", "malaria_edge", "bench", str(d), "--data", str(prepared), "--out", str(out), "--threads", "1",
                "--runs", "20", "--budget-s", "1", "--max-images", "20", "--e2e-images", "12"], timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return out

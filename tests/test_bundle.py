@@ -45,7 +45,7 @@ def test_unpacking_a_non_bundle_is_one_line_and_keeps_the_old_output(tmp_path):
     (tmp_path / "junk.zip").write_bytes(b"not a zip at all")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    res = run(["-m", "train.cli", "data", "unpack", str(tmp_path / "junk.zip"), "--out", str(tmp_path / "out")])
+    res = run(["-m", "malaria_edge", "data", "unpack", str(tmp_path / "junk.zip"), "--out", str(tmp_path / "out")])
     assert res.returncode == 1 and "not a bundle" in res.stderr and "Traceback" not in res.stderr
     assert (tmp_path / "out" / "keep.txt").exists()
 

@@ -239,9 +239,10 @@ def test_camera_unplugged_mid_run_keeps_what_was_saved(exported, cell_files, tmp
         return cap
 
     monkeypatch.setattr(camera, "open_capture", open_then_unplug)
-    model = load_classifier(exported / "tiny_int8.tflite")
+    from edge.classifier import Classifier
+    clf = Classifier.load(exported / "tiny_int8.tflite")
     opts = RunOptions(out=tmp_path / "live", threshold=0.5, interval=0, retries=2, retry_wait=0.01)
-    code = run_live(camera.Source(str(video), is_file=False), model, None, opts)
+    code = run_live(camera.Source(str(video), is_file=False), clf, opts)
     assert code == 1
     [sdir] = (tmp_path / "live").glob("session-*")
     rows = list(csv.DictReader(open(sdir / "live_results.csv")))

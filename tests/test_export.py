@@ -222,7 +222,7 @@ def test_onnx_metadata_round_trip(exported):
 
 
 def test_export_cli_rejects_unknown_format(tiny_model, prepared, tmp_path):
-    res = run(["-m", "train.cli", "export", str(tiny_model), "--data", str(prepared), "--out", str(tmp_path),
+    res = run(["-m", "malaria_edge", "export", str(tiny_model), "--data", str(prepared), "--out", str(tmp_path),
                "--formats", "tflite-int4"])
     assert res.returncode == 2 and "unknown format" in res.stderr
 

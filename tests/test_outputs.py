@@ -103,10 +103,11 @@ def test_thread_count_follows_the_cpus_this_process_may_use():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["evaluate", "{lone}", "--data-dir", "{prepared}"], "no model card beside it"),
-    (["evaluate", "{tiny}", "--data-dir", "{prepared}", "--split", "tset"], "'tset' is not one of"),
+    (["evaluate", "{lone}", "--data", "{prepared}"], "no model card beside it"),
+    (["evaluate", "{tiny}", "--data", "{prepared}", "--split", "tset"], "'tset' is not one of"),
     (["export", "{tiny}", "--data", "{prepared}", "--out", "{out}", "--parity-split", "tset"], "'tset' is not one of"),
-    (["evaluate", "{tiny}", "--data", "{empty}"], "no images found"),
+    (["evaluate", "{tiny}", "--folder", "{empty}"], "no images found"),
+    (["evaluate", "{tiny}", "--data", "{empty}"], "no manifest.csv"),
 ])
 def test_malaria_edge_user_mistakes_are_one_line(args, message, tiny_model, exported, prepared, tmp_path):
     from tests.conftest import run
@@ -114,6 +115,6 @@ def test_malaria_edge_user_mistakes_are_one_line(args, message, tiny_model, expo
     lone.write_bytes((exported / "tiny_int8.tflite").read_bytes())
     (tmp_path / "empty").mkdir()
     names = {"lone": lone, "tiny": tiny_model, "prepared": prepared, "out": tmp_path / "exp", "empty": tmp_path / "empty"}
-    res = run(["-m", "train.cli", *[a.format(**names) for a in args]])
+    res = run(["-m", "malaria_edge", *[a.format(**names) for a in args]])
     assert res.returncode in (1, 2) and message in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "exp").exists()

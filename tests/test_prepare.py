@@ -61,7 +61,7 @@ def test_bad_files_are_skipped_and_reported(cells, cell_files, tmp_path):
     buf = io.BytesIO()
     Image.new("1", (9000, 9000)).save(buf, format="PNG")
     (src / "Uninfected" / "bomb.png").write_bytes(buf.getvalue())
-    res = run(["-m", "train.cli", "data", "prepare", str(src), "--out", str(tmp_path / "out"), "--workers", "1",
+    res = run(["-m", "malaria_edge", "data", "prepare", str(src), "--out", str(tmp_path / "out"), "--workers", "1",
                "--fractions", "0.5,0.25,0.25"])
     assert res.returncode == 0, res.stderr
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -108,11 +108,11 @@ def test_source_without_class_folders_is_a_clear_error(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(DataError, match="no images found"):
         scan_source(tmp_path / "x")
-    res = run(["-m", "train.cli", "data", "prepare", str(tmp_path / "missing")])
+    res = run(["-m", "malaria_edge", "data", "prepare", str(tmp_path / "missing")])
     assert res.returncode == 1 and "no such file or folder" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_download_without_credentials_is_one_line(tmp_path):
-    res = run(["-m", "train.cli", "data", "download", "--dest", str(tmp_path)],
+    res = run(["-m", "malaria_edge", "data", "download", "--dest", str(tmp_path)],
               env={"HOME": str(tmp_path), "KAGGLE_USERNAME": "", "KAGGLE_KEY": "", "KAGGLE_CONFIG_DIR": str(tmp_path)})
     assert res.returncode == 1 and "no Kaggle credentials" in res.stderr and "Traceback" not in res.stderr

@@ -136,7 +136,7 @@ def test_rescoring_keeps_the_threshold_and_operating_points_set_on_the_card(tiny
 
 def test_evaluate_cli_writes_json_and_predictions(tiny_model, prepared, tmp_path):
     from tests.conftest import run
-    res = run(["-m", "train.cli", "evaluate", str(tiny_model), "--data-dir", str(prepared), "--split", "test",
+    res = run(["-m", "malaria_edge", "evaluate", str(tiny_model), "--data", str(prepared), "--split", "test",
                "--json", str(tmp_path / "m.json"), "--predictions", str(tmp_path / "p.csv"),
                "--plots", str(tmp_path / "plots")])
     assert res.returncode == 0, res.stderr
@@ -144,11 +144,19 @@ def test_evaluate_cli_writes_json_and_predictions(tiny_model, prepared, tmp_path
     rows = (tmp_path / "p.csv").read_text().splitlines()
     assert rows[0] == "path,true_label,prob_parasitized,predicted_label" and len(rows) == m["n"] + 1
     assert (tmp_path / "plots" / "roc.png").exists() and "accuracy" in res.stdout
+    assert f"warning: small sample ({m['n']} images" in res.stdout  # the fixture split is a handful of cells
+
+
+def test_no_small_sample_warning_on_a_real_sized_split():
+    from train.evaluate import small_sample_warning
+    rep = {"n": 3431, "n_groups": 28, "confusion_matrix": [[1500, 20], [40, 1871]]}
+    assert small_sample_warning(rep) == ""
+    assert small_sample_warning({**rep, "n_groups": 4}).startswith("warning: small sample")
 
 
 def test_compare_builds_the_readme_table_and_figure(tiny_model, tmp_path):
     from tests.conftest import run
-    res = run(["-m", "train.cli", "compare", str(tiny_model), "--figure", str(tmp_path / "cm.png")])
+    res = run(["-m", "malaria_edge", "compare", str(tiny_model), "--figure", str(tmp_path / "cm.png")])
     assert res.returncode == 0, res.stderr
     assert "| tiny | cnn | from scratch" in res.stdout and "patient-grouped" in res.stdout
     assert (tmp_path / "cm.png").stat().st_size > 0
@@ -166,3 +174,23 @@ def test_continuing_a_run_keeps_history_and_the_best_checkpoint(tiny_model, prep
     after = read_history(run_dir / "history.csv")
     assert len(after["epoch"]) == len(before["epoch"]) + 1 and info["epochs"] == len(after["epoch"])
     assert info["init"].endswith("model.keras")
+
+
+def test_training_curves_of_one_epoch_show_it_numbered_as_in_history_csv(tiny_model):
+    from train.plots import curves_figure
+    from train.train import read_history
+    h = read_history(tiny_model.parent / "history.csv")
+    assert len(h["loss"]) == 1
+    fig = curves_figure(h)
+    lines = fig.axes[0].lines
+    assert [list(line.get_xdata()) for line in lines] == [h["epoch"], h["epoch"]]
+    assert all(line.get_marker() not in (None, "None", "") for line in lines)
+
+
+def test_max_train_leaves_validation_whole(prepared, tmp_path, capsys):
+    from train.data import load_prepared
+    from train.train import TrainConfig, train
+    data = load_prepared(prepared)
+    _, info = train(data, TrainConfig(recipe="cnn", epochs=1, batch=8, verbose=0, max_train=6), tmp_path / "run")
+    assert info["train_images"] == 6 and info["val_images"] == len(data.indices("val"))
+    assert "train: a random 6 of" in capsys.readouterr().out

@@ -102,7 +102,24 @@ def classification_report(rep: dict) -> str:
              f"roc auc      {rep['auc']:.4f}{c('auc')}",
              f"mcc          {rep['mcc']:.4f}{c('mcc')}",
              f"confusion    TN={tn} FP={fp} FN={fn} TP={tp}"]
+    if warning := small_sample_warning(rep):
+        lines.append(warning)
     return "\n".join(lines)
+
+
+SMALL_N, SMALL_GROUPS, SMALL_CLASS = 200, 10, 30
+
+
+def small_sample_warning(rep: dict) -> str:
+    """The intervals resample patient groups: with few images, groups or cells of a class they are too
+    narrow to mean anything ([1.0000, 1.0000] on 8 images)."""
+    (tn, fp), (fn, tp) = rep["confusion_matrix"]
+    groups = rep.get("n_groups") or 0
+    if rep["n"] >= SMALL_N and groups >= SMALL_GROUPS and min(tn + fp, fn + tp) >= SMALL_CLASS:
+        return ""
+    return (f"warning: small sample ({rep['n']} images, {groups} patient groups, {min(tn + fp, fn + tp)} in the "
+            f"smaller class): the 95% intervals are not reliable below {SMALL_N} images, {SMALL_GROUPS} groups and "
+            f"{SMALL_CLASS} per class")
 
 
 def save_json(path: Path, obj) -> None:

@@ -22,18 +22,26 @@ def _save(fig, path: Path) -> Path:
 
 
 def training_curves(history: dict[str, list[float]], path: Path, title: str = "") -> Path:
+    return _save(curves_figure(history, title), path)
+
+
+def curves_figure(history: dict[str, list[float]], title: str = ""):
+    """Loss, accuracy and AUC per epoch, numbered as in history.csv (from 0); a marker on every epoch, so a
+    one-epoch run still shows its point."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key in zip(axes, ("loss", "accuracy", "auc")):
-        for prefix, style in (("", "-"), ("val_", "--")):
+        for prefix, style in (("", "-o"), ("val_", "--s")):
             if prefix + key in history:
-                ax.plot(np.arange(1, len(history[prefix + key]) + 1), history[prefix + key], style,
-                        label=("validation" if prefix else "train"))
+                y = history[prefix + key]
+                x = history.get("epoch", list(range(len(y))))
+                ax.plot(x, y, style, markersize=4, label=("validation" if prefix else "train"))
         ax.set_title(key)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch (as in history.csv)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    return _save(fig, path)
+    return fig
 
 
 def _draw_cm(ax, cm, title):

@@ -109,6 +109,7 @@ class TrainConfig:
     workers: int = 1  # threads preparing batches
     mixed_precision: bool = False
     max_train: int | None = None  # cap on training images (tiny runs, tests)
+    max_val: int | None = None  # cap on validation images (its own flag: capping train never caps validation)
     init: str | None = None  # continue from this .keras (e.g. only the fine-tune stage, with epochs=0)
     verbose: int = 1
 
@@ -132,10 +133,14 @@ def train(data: Prepared, cfg: TrainConfig, out: Path) -> tuple[keras.Model, dic
         keras.mixed_precision.set_global_policy("mixed_float16")
     size = data.images.shape[1]
     tr, va = data.indices("train"), data.indices("val")
-    if cfg.max_train and len(tr) > cfg.max_train:
-        rng = np.random.default_rng(cfg.seed)
-        tr = np.sort(rng.choice(tr, cfg.max_train, replace=False))
-        va = np.sort(rng.choice(va, min(len(va), max(cfg.max_train // 4, 8)), replace=False))
+    rng = np.random.default_rng(cfg.seed)
+    for name, cap in (("train", cfg.max_train), ("validation", cfg.max_val)):
+        idx = tr if name == "train" else va
+        if cap and len(idx) > cap:
+            print(f"{name}: a random {cap} of {len(idx)} images (--max-{'train' if name == 'train' else 'val'})",
+                  flush=True)
+            idx = np.sort(rng.choice(idx, cap, replace=False))
+            tr, va = (idx, va) if name == "train" else (tr, idx)
     par = dict(workers=cfg.workers, use_multiprocessing=False) if cfg.workers > 1 else {}
     train_ds = CellBatches(data.images, data.labels, tr, cfg.batch, augment=True, seed=cfg.seed, **par)
     val_ds = CellBatches(data.images, data.labels, va, 128, augment=False, **par)

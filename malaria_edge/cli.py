@@ -1,6 +1,8 @@
-"""`malaria-edge`: the heavy side (data, train, evaluate, export, bench).
+"""`malaria-edge`: every action of the toolkit as one command (data, train, evaluate, export, bench,
+infer, app), on top of the packages it drives; nothing imports this module.
 
-TensorFlow is imported only inside the subcommands that need it, so `--help` and `data` are fast.
+TensorFlow is imported only inside the subcommands that need it, so `--help`, `data`, `infer` and
+`app` run without it (on a Pi).
 """
 from __future__ import annotations
 
@@ -41,12 +43,15 @@ def main():
     """Train, evaluate, export and benchmark malaria blood-cell classifiers.
 
     \b
+    Every action is a subcommand; `malaria-edge infer` is `edge-infer` (same flags).
     Typical flow:
       malaria-edge data prepare ../shared/data/nih_malaria_dev --out data/prepared
       malaria-edge train --recipe cnn --data data/prepared --out runs/cnn
-      malaria-edge evaluate runs/cnn/model.keras --data-dir data/prepared --split test
+      malaria-edge evaluate runs/cnn/model.keras --data data/prepared --split test
       malaria-edge export runs/cnn/model.keras --data data/prepared --out models/cnn
       malaria-edge bench models/cnn --data data/prepared
+      malaria-edge infer --field examples/field/ --out runs/fields
+      malaria-edge app --host 0.0.0.0
     """
 
 
@@ -161,6 +166,9 @@ def data_unpack(bundle, out):
 @click.option("--workers", default=1, show_default=True, help="Threads preparing training batches.")
 @click.option("--mixed-precision", is_flag=True, help="float16 compute (GPU).")
 @click.option("--max-train", type=int, default=None, help="Use at most this many training images (quick runs).")
+@click.option("--max-val", type=int, default=None,
+              help="Use at most this many validation images for early stopping (quick runs; the card's validation "
+                   "metrics always use the whole split).")
 @click.option("--target-sensitivity", type=float, default=None,
               help="Set the card's threshold to reach this sensitivity on validation (default: 0.5).")
 @click.option("--init", type=click.Path(path_type=Path, exists=True), default=None,
@@ -168,7 +176,7 @@ def data_unpack(bundle, out):
                    "only score it, e.g. after training elsewhere).")
 @_fail_cleanly
 def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, weights, alpha, patience,
-              max_minutes, workers, mixed_precision, max_train, target_sensitivity, init):
+              max_minutes, workers, mixed_precision, max_train, max_val, target_sensitivity, init):
     """Train a recipe on the patient-grouped train split, pick the best epoch on validation,
     then report test metrics with 95% CIs and write the model card and plots."""
     from train.data import load_prepared
@@ -179,7 +187,7 @@ def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, w
     cfg = TrainConfig(recipe=recipe, epochs=epochs, finetune_epochs=finetune_epochs, batch=batch, lr=lr, seed=seed,
                       weights=weights, alpha=alpha, patience=patience, max_minutes=max_minutes, workers=workers,
                       mixed_precision=mixed_precision,
-                      max_train=max_train, init=str(init) if init else None,
+                      max_train=max_train, max_val=max_val, init=str(init) if init else None,
                       verbose=1 if sys.stdout.isatty() else 2)
     try:
         model, info = train(data, cfg, out)
@@ -198,14 +206,14 @@ def _ci(m, k):
 
 @main.command("evaluate")
 @click.argument("model_path", type=click.Path(path_type=Path, exists=True))
-@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data/prepared"), show_default=True,
-              help="Prepared data with its split.")
-@click.option("--split", type=SPLITS, default="test", show_default=True, help="Which split of --data-dir.")
-@click.option("--data", "folder", type=click.Path(path_type=Path), default=None,
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=Path("data/prepared"), show_default=True,
+              help="Output of `malaria-edge data prepare` (as in train, export and bench).")
+@click.option("--split", type=SPLITS, default="test", show_default=True, help="Which split of --data.")
+@click.option("--folder", "folder", type=click.Path(path_type=Path), default=None,
               help="Instead of a split: any labelled folder (Parasitized/, Uninfected/; Kaggle layout too).")
 @click.option("--threshold", type=float, default=None, help="Default: the model card's threshold, else 0.5.")
 @click.option("--target-sensitivity", type=float, default=None,
-              help="Pick the threshold reaching this sensitivity on the validation split (needs --data-dir).")
+              help="Pick the threshold reaching this sensitivity on the validation split of --data.")
 @click.option("--operating-points", is_flag=True,
               help="Set the named operating points (screening: sensitivity >= 0.97, counting: specificity >= 0.995) "
                    "on the validation split, with their confusion counts and test-split rates.")
@@ -360,6 +368,15 @@ def bench_fields_cmd(model_path, data_dir, crops, fields_root, sessions, out):
     from edge.runtime import default_model
     res = run(model_path or default_model("field"), data_dir, crops, fields_root, out, sessions, log=click.echo)
     click.echo(markdown(res))
+
+
+def _add_infer() -> None:
+    """`malaria-edge infer` is `edge-infer` (the device command), with the same flags."""
+    from edge.cli import main as edge_infer
+    main.add_command(edge_infer, name="infer")
+
+
+_add_infer()
 
 
 @main.command("app")

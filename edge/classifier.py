@@ -1,0 +1,89 @@
+"""The Python API for people who embed the runtime; `edge-infer` and the app use it too.
+
+    from edge import Classifier
+    clf = Classifier.load()                       # the shipped default int8 model, its card's threshold
+    clf.predict("cell.png")                       # [Prediction(label='Parasitized', ...)]
+    heat = clf.explain(rgb_array)                 # Grad-CAM of the class each label shows
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+
+from edge.card import label_of
+from edge.gradcam import classes_to_explain
+from edge.images import load_image
+from edge.preprocess import resize_rgb
+from edge.runtime import Loaded, ModelError, default_model, load_classifier, load_explainer_for
+
+Image = Union[str, Path, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    prob_parasitized: float
+    confidence: float  # of the label shown
+    threshold: float
+
+
+@dataclass
+class Classifier:
+    """A classifier artifact, its card's decision rule and (optionally) its Grad-CAM explainer."""
+    model: Loaded
+    threshold: float
+    explainer: Loaded | None = None
+    operating_point: str | None = None
+    counts: dict | None = None  # the operating point's validation confusion counts (field mode corrects with them)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, mode: str = "cell", threshold: float | None = None,
+             operating_point: str | None = None, gradcam: bool = False, threads: int | None = None,
+             allow_failed_gate: bool = False) -> "Classifier":
+        """path: a .tflite/.onnx with its card (default: the shipped model for `mode`, cell or field).
+        The threshold is `threshold`, else the named operating point's, else the card's."""
+        model = load_classifier(path or default_model(mode), threads, allow_failed_gate)
+        counts = None
+        if operating_point:
+            from edge.field import operating_point as op_of
+            op_thr, counts = op_of(model, operating_point)
+            threshold = op_thr if threshold is None else threshold
+        thr = model.card.threshold if threshold is None else float(threshold)
+        if not 0 < thr < 1:
+            raise ModelError(f"threshold {thr} must be between 0 and 1")
+        explainer = load_explainer_for(model, threads) if gradcam else None
+        return cls(model, thr, explainer, operating_point, counts)
+
+    @property
+    def size(self) -> int:
+        return self.model.size
+
+    def batch(self, images: Image | Sequence[Image]) -> np.ndarray:
+        """Paths or RGB arrays (any size) → N×size×size×3 uint8, as the model takes them."""
+        items = [images] if isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim == 3) \
+            else list(images)
+        return np.stack([resize_rgb(load_image(i) if isinstance(i, (str, Path)) else i, self.size) for i in items])
+
+    def probabilities(self, images: Image | Sequence[Image]) -> np.ndarray:
+        x = images if isinstance(images, np.ndarray) and images.ndim == 4 else self.batch(images)
+        return self.model.predict(x)
+
+    def predict(self, images: Image | Sequence[Image]) -> list[Prediction]:
+        return [self.prediction(float(p)) for p in self.probabilities(images)]
+
+    def prediction(self, prob: float) -> Prediction:
+        label = label_of(prob, self.threshold, self.model.card.class_names)
+        return Prediction(label, prob, prob if label == self.model.card.class_names[1] else 1 - prob, self.threshold)
+
+    def explain(self, images: Image | Sequence[Image], evidence: str = "label") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(P(Parasitized), heat maps in [0,1], the class index each map explains): the label's class, or
+        Parasitized for every image with evidence="Parasitized"."""
+        if self.explainer is None:
+            self.explainer = load_explainer_for(self.model)
+        x = images if isinstance(images, np.ndarray) and images.ndim == 4 else self.batch(images)
+        probs = self.model.predict(x)
+        cls = classes_to_explain(probs, self.threshold, evidence)
+        return probs, self.explainer.explain(x, cls)[1], cls

@@ -1,0 +1,3 @@
+from malaria_edge.cli import main
+
+main()
