@@ -32,11 +32,13 @@ TYPES = sorted(s.lstrip(".") for s in IMAGE_SUFFIXES)
 
 
 def installed_models() -> dict[str, Path]:
-    """Every shipped or installed classifier artifact, by a label read from its card."""
+    """Every shipped or installed classifier artifact this install can run, by a label read from its card."""
+    import importlib.util
+    suffixes = (".tflite", ".onnx") if importlib.util.find_spec("onnxruntime") else (".tflite",)
     found = {}
     for d in models_dirs():
         for p in sorted(d.glob("*/*")) if d.is_dir() else []:
-            if p.suffix not in (".tflite", ".onnx"):
+            if p.suffix not in suffixes:
                 continue
             try:
                 card = read_card(p)

@@ -182,7 +182,11 @@ def _load_tflite(path: Path, card: ModelCard, threads: int | None) -> Loaded:
 
 
 def _load_onnx(path: Path, card: ModelCard, threads: int | None) -> Loaded:
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ModelError(f"{path}: ONNX models need onnxruntime: pip install \"malaria-edge[onnx]\" "
+                         "(or use the .tflite artifact)") from None
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or cpu_count()
     so.inter_op_num_threads = 1

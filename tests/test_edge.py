@@ -247,3 +247,14 @@ def test_camera_unplugged_mid_run_keeps_what_was_saved(exported, cell_files, tmp
     [sdir] = (tmp_path / "live").glob("session-*")
     rows = list(csv.DictReader(open(sdir / "live_results.csv")))
     assert len(rows) == 6 and len(list((sdir / "frames").glob("*.png"))) == 6
+
+
+def test_a_device_without_onnxruntime_runs_tflite_and_names_the_extra_for_onnx(tmp_path):
+    """onnxruntime is the `onnx` extra: the base install (what a Pi needs) runs the shipped TFLite models."""
+    block = BLOCK_TF.replace("'tf_keras')", "'tf_keras', 'onnxruntime')")
+    cell = str(next((ROOT / "examples" / "cells").rglob("*.png")))
+    for model, want_rc, want in ((None, 0, '"status": "ok"'),
+                                 (str(ROOT / "models" / "cnn" / "cnn_int8.onnx"), 1, 'pip install "malaria-edge[onnx]"')):
+        args = [cell, "--format", "jsonl"] + (["--model", model] if model else [])
+        res = run(["-c", block + f"sys.argv = ['edge-infer', *{args!r}]\nfrom edge.cli import main\nmain()\n"])
+        assert res.returncode == want_rc and want in res.stdout + res.stderr, res.stderr[-500:]
