@@ -4,8 +4,10 @@ parasitemia, and speed per field. Results go to benchmarks/results/fields.{md,js
 Synthetic sessions are built in two steps so that 600 sessions of 2,000 cells stay affordable on two
 cores: (1) fields composed from the test split's crops (one patient group per field) go through the
 whole pipeline — detection, crops cut by the detector, classification — and every ground-truth cell the
-detector found keeps its true label and the probability the classifier gave its re-cut crop; (2) each
-session draws 2,000 of those cells at the chosen parasitemia and is counted and corrected like a real one.
+detector found keeps its true label and the probability the classifier gave its re-cut crop
+(train/fieldpool.py); (2)
+each session draws 2,000 of those cells at the chosen parasitemia and is counted and corrected like a
+real one.
 """
 from __future__ import annotations
 
@@ -23,11 +25,10 @@ from edge.field import FieldOptions, analyze, operating_point
 from edge.images import load_image
 from edge.parasitemia import estimate
 from edge.runtime import load_classifier
-from train.fieldscore import GTPoint, contains, exif_orientation, read_point_set, score
+from train.fieldpool import field_pool
+from train.fieldscore import contains, exif_orientation, read_point_set, score
 from train.synthetic import SynthParams, load_crops, make_field
 
-VARIANTS = [dict(), dict(blur=2.0), dict(scale=0.5), dict(eyepiece=True), dict(scale=0.35, blur=1.0),
-            dict(spacing=(0.75, 0.95))]
 
 
 def real_fields(root: Path, model, opts: FieldOptions, log=print) -> dict:
@@ -71,42 +72,6 @@ def real_fields(root: Path, model, opts: FieldOptions, log=print) -> dict:
             "annotated_classified": sum(r["annotated_classified"] for r in out),
             "annotated_called_parasitized": sum(r["annotated_called_parasitized"] for r in out),
             "session": e.as_dict()}
-
-
-def synthetic_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, fields_per_group: int = 2,
-                   log=print) -> dict:
-    """Run fields composed from each test group through the pipeline; keep (true label, prob) per found cell."""
-    from train.data import load_prepared
-    d = load_prepared(data_dir)
-    idx = d.indices("test")
-    groups = load_crops(crops_root, [d.relpaths[i] for i in idx], [int(d.labels[i]) for i in idx],
-                        [d.groups[i] for i in idx])
-    labels, probs, recalls, n_gt, n_found, n_det, n_correct = [], [], [], 0, 0, 0, 0
-    k = 0
-    for g, (pos, neg) in sorted(groups.items()):
-        if not pos or not neg:
-            continue
-        for j in range(fields_per_group):
-            # half the cells infected, so the pool has enough of both classes
-            p = SynthParams(parasitemia=0.5, seed=1000 + k, **VARIANTS[k % len(VARIANTS)])
-            k += 1
-            f = make_field(pos, neg, p)
-            res = analyze(f.rgb, f"synthetic {g} #{j}", model, opts)
-            det = res.detection
-            pts = [GTPoint(t.x, t.y, t.label) for t in f.truth]
-            s = score(det.cells, pts)
-            n_gt, n_found, n_det, n_correct = n_gt + s.gt, n_found + s.found, n_det + s.detections, n_correct + s.correct
-            ok = [(c, call) for c, call in zip(det.cells, res.cells) if c.status == "ok" and call.prob_parasitized is not None]
-            for t in f.red_cells:
-                hits = [call for c, call in ok if contains(c, t.x, t.y)]
-                if len(hits) == 1:
-                    labels.append(int(t.label == "Parasitized"))
-                    probs.append(hits[0].prob_parasitized)
-            recalls.append(s.recall)
-    log(f"  synthetic pool: {k} fields, detection recall {n_found / n_gt:.4f}, precision {n_correct / n_det:.4f}, "
-        f"{len(labels)} cells ({sum(labels)} infected)")
-    return {"fields": k, "gt": n_gt, "recall": n_found / n_gt, "precision": n_correct / n_det,
-            "labels": np.array(labels), "probs": np.array(probs)}
 
 
 def simulate_sessions(pool: dict, opts: FieldOptions, levels=(0.005, 0.02, 0.05), sessions: int = 200,
@@ -169,7 +134,7 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
     log("real fields")
     res["real"] = real_fields(fields_root, model, opts, log)
     log("synthetic fields")
-    pool = synthetic_pool(data_dir, crops_root, model, opts, log=log)
+    pool = field_pool(data_dir, crops_root, model, opts, split="test", log=log)
     res["synthetic_detection"] = {k: pool[k] for k in ("fields", "gt", "recall", "precision")}
     y, p = pool["labels"], pool["probs"]
     res["synthetic_pool"] = {"cells": int(len(y)), "infected": int(y.sum()),
@@ -210,8 +175,8 @@ def markdown(r: dict) -> str:
               f"Pool: {r['synthetic_detection']['fields']} fields from the test split's crops, detection recall "
               f"{r['synthetic_detection']['recall']:.4f}, precision {r['synthetic_detection']['precision']:.4f}; "
               f"{r['synthetic_pool']['cells']} re-cut cells, sensitivity {r['synthetic_pool']['sensitivity']:.4f}, "
-              f"specificity {r['synthetic_pool']['specificity']:.4f} at the threshold (card, validation: "
-              f"{r['counts']}).", "",
+              f"specificity {r['synthetic_pool']['specificity']:.4f} at the threshold. The correction uses the card's "
+              f"validation counts {r['counts']}.", "",
               "| true parasitemia | sessions x cells | bias (pp) | MAE (pp) | binomial floor MAE (pp) | 95% CI coverage | raw bias (pp) | raw MAE (pp) |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in r["sessions"]:

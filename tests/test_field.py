@@ -262,3 +262,13 @@ def test_video_that_yields_no_frames_fails(tmp_path):
     vw.release()
     res = infer("--field", "--video", video, "--out", tmp_path / "o")
     assert res.returncode == 1
+
+
+def test_the_field_pool_keeps_each_found_cells_true_label_and_probability(exported, prepared):
+    from tests.conftest import CELLS
+    from train.fieldpool import field_pool
+    m = load_classifier(exported / "tiny_int8.tflite")
+    pool = field_pool(prepared, CELLS, m, FieldOptions(0.5, COUNTS), "val", fields_per_group=1, log=lambda *_: None)
+    assert pool["fields"] >= 1 and pool["recall"] > 0.8
+    assert len(pool["labels"]) == len(pool["probs"]) > 20 and set(pool["labels"]) <= {0, 1}
+    assert pool["labels"].sum() >= 1 and np.all((pool["probs"] >= 0) & (pool["probs"] <= 1))

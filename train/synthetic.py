@@ -136,6 +136,11 @@ def make_field(pos_crops: list, neg_crops: list, p: SynthParams = SynthParams())
     rng.shuffle(labels)
     d_typ = float(np.median([max(c.shape[:2]) for _, c in (neg_crops[:50] or pos_crops[:50])]))
     items = [("White_Blood_Cell", None)] * p.wbc + [(lab, None) for lab in labels]
+    # platelets first, so the cells pasted after cover them: they stay in the gaps, as in a thin smear's
+    # monolayer (a platelet pasted over a cell's middle makes a purple dot no annotator would call)
+    for _ in range(p.platelets):
+        img, mask = _platelets(d_typ, rng)
+        _paste(canvas, img, mask, rng.uniform(20, W - 20), rng.uniform(20, H - 20))
     for lab, _ in items:
         if lab == "White_Blood_Cell":
             img, mask, name = *_wbc(d_typ, rng), "synthetic white cell"
@@ -160,9 +165,6 @@ def make_field(pos_crops: list, neg_crops: list, p: SynthParams = SynthParams())
                     placed.append((cx, cy, r))
                     truth.append(Truth(float(gx), float(gy), r, lab, name))
                 break
-    for _ in range(p.platelets):
-        img, mask = _platelets(d_typ, rng)
-        _paste(canvas, img, mask, rng.uniform(20, W - 20), rng.uniform(20, H - 20))
     if p.blur > 0:
         canvas = cv2.GaussianBlur(canvas, (0, 0), p.blur)
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
