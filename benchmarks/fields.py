@@ -74,6 +74,32 @@ def real_fields(root: Path, model, opts: FieldOptions, log=print) -> dict:
             "session": e.as_dict()}
 
 
+def every_model_on_real_crops(root: Path, model_paths: list[Path], log=print) -> list[dict]:
+    """The crops field mode cuts from the real (all uninfected) fields, classified by each shipped model at
+    its card threshold and its counting point: how many it calls Parasitized."""
+    from edge.detect import crop
+    from edge.field import classify_crops
+    crops = []
+    for img in sorted((root / "Img").glob("*.jpg")):
+        rgb = load_image(img)
+        det = detect(rgb)
+        crops += [crop(rgb, c) for c in det.cells if c.status == "ok"]
+    rows = []
+    for path in model_paths:
+        m = load_classifier(path)
+        p = classify_crops(crops, m)
+        ops = m.card.operating_points or {}
+        row = {"model": path.name, "crops": len(crops), "card_threshold": m.card.threshold,
+               "parasitized_at_card": int(np.sum(p >= m.card.threshold))}
+        if "counting" in ops:
+            row.update(counting_threshold=ops["counting"]["threshold"],
+                       parasitized_at_counting=int(np.sum(p >= ops["counting"]["threshold"])))
+        rows.append(row)
+        log(f"  {path.name}: {row['parasitized_at_card']} of {len(crops)} crops Parasitized at the card threshold, "
+            f"{row.get('parasitized_at_counting', '-')} at counting")
+    return rows
+
+
 def simulate_sessions(pool: dict, opts: FieldOptions, levels=(0.005, 0.02, 0.05), sessions: int = 200,
                       n_cells: int = 2000, seed: int = 0) -> list[dict]:
     y, p = pool["labels"], pool["probs"]
@@ -141,6 +167,11 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
                              "sensitivity": float(np.mean(p[y == 1] >= thr)),
                              "specificity": float(np.mean(p[y == 0] < thr))}
     res["sessions"] = simulate_sessions(pool, opts, sessions=sessions)
+    log("every shipped classifier on the real fields' crops")
+    from edge.runtime import models_dirs
+    shipped = sorted({p.resolve() for d in models_dirs() if d.is_dir() for p in d.glob("*/*")
+                      if p.suffix in (".tflite", ".onnx") and not p.stem.endswith("_explainer")})
+    res["real_crops_all_models"] = every_model_on_real_crops(fields_root, shipped, log)
     log("speed")
     res["speed"] = speed(model, replace(opts), sorted((fields_root / "Img").glob("*.jpg"))[0], crops_root, data_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +214,13 @@ def markdown(r: dict) -> str:
         lines.append(f"| {x['parasitemia_percent']:.1f}% | {x['sessions']} x {x['cells']} | {x['bias_pp']:+.3f} | "
                      f"{x['mae_pp']:.3f} | {x['binomial_floor_mae_pp']:.3f} | {x['coverage_ci95']:.1%} | "
                      f"{x['raw_bias_pp']:+.3f} | {x['raw_mae_pp']:.3f} |")
+    if r.get("real_crops_all_models"):
+        lines += ["", "## Every shipped classifier on the real fields' crops (all uninfected)", "",
+                  "| model | crops | called Parasitized at the card threshold | at the counting point |",
+                  "|---|---:|---:|---:|"]
+        for x in r["real_crops_all_models"]:
+            lines.append(f"| {x['model']} | {x['crops']} | {x['parasitized_at_card']} (threshold "
+                         f"{x['card_threshold']:.3f}) | {x.get('parasitized_at_counting', '–')} |")
     lines += ["", "## Speed (median of 5, int8, this machine)", "",
               "| field | cells | decode ms | detect ms | classify ms | total ms | fields/s |", "|---|---:|---:|---:|---:|---:|---:|"]
     for k, v in r["speed"].items():

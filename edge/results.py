@@ -85,9 +85,6 @@ def format_for(path: Path) -> str:
     return {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "json": "json"}.get(ext, "csv")
 
 
-OUTPUT_MODES = ("new", "overwrite", "resume")
-
-
 def open_results(path: Path, fields: list[str] = FIELDS, mode: str = "new") -> tuple[Writer, set[str]]:
     """A Writer on a results file and the input paths it already holds.
 

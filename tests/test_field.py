@@ -272,3 +272,14 @@ def test_the_field_pool_keeps_each_found_cells_true_label_and_probability(export
     assert pool["fields"] >= 1 and pool["recall"] > 0.8
     assert len(pool["labels"]) == len(pool["probs"]) > 20 and set(pool["labels"]) <= {0, 1}
     assert pool["labels"].sum() >= 1 and np.all((pool["probs"] >= 0) & (pool["probs"] <= 1))
+
+
+def test_every_model_check_classifies_the_same_real_crops_with_each_model(tmp_path):
+    from benchmarks.fields import every_model_on_real_crops
+    (tmp_path / "Img").mkdir()
+    (tmp_path / "Img" / FIELD.name).symlink_to(FIELD)
+    models = [FIELD_MODEL, ROOT / "models" / "cnn" / "cnn_int8.tflite"]
+    rows = every_model_on_real_crops(tmp_path, models, log=lambda *_: None)
+    n_ok = sum(c.status == "ok" for c in detect(load_image(FIELD)).cells)
+    assert [r["model"] for r in rows] == [m.name for m in models] and all(r["crops"] == n_ok for r in rows)
+    assert all(0 <= r["parasitized_at_counting"] <= r["parasitized_at_card"] for r in rows)
