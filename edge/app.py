@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import streamlit as st
 
-from edge.card import CardError, label_of, read_card
+from edge.card import CardError, calibrated, label_of, read_card
 from edge.gradcam import classes_to_explain, overlay
 from edge.images import IMAGE_SUFFIXES, ImageError, decode_image
 from edge.infer import not_a_cell
@@ -133,8 +133,9 @@ def cells_tab(model, explainer, lock, thr: float, evidence: str) -> None:
             heat = explainer.explain(x, cls)[1] if explainer is not None else [None] * len(good)
         for (name, rgb), p, c, h in zip(good, probs, cls, heat):
             label = label_of(float(p), thr, model.card.class_names)
-            conf = float(p) if label == "Parasitized" else 1 - float(p)
-            pic = overlay(rgb, h, label, float(p), panel=True, heat_class=model.card.class_names[c])
+            pc = calibrated(float(p), model.card.temperature)
+            conf = pc if label == "Parasitized" else 1 - pc
+            pic = overlay(rgb, h, label, pc, panel=True, heat_class=model.card.class_names[c])
             pics[name] = pic
             rows.append({"file": name, "label": label, "prob_parasitized": round(float(p), 6), "status": "ok", "error": ""})
             left, right = st.columns([3, 2])
@@ -234,7 +235,8 @@ def fields_tab(models: dict[str, Path]) -> None:
     st.subheader(f"Positive cells ({len(gallery)}): crop and Grad-CAM of the Parasitized class")
     cols = st.columns(4)
     for k, (name, i, p, crop, h) in enumerate(gallery):
-        cols[k % 4].image(to_rgb(overlay(crop, h, "Parasitized", p, panel=True)), caption=f"{name} #{i} P={p:.3f}")
+        cols[k % 4].image(to_rgb(overlay(crop, h, "Parasitized", calibrated(p, model.card.temperature), panel=True)),
+                          caption=f"{name} #{i} P={p:.3f}")
     folder = session_folder()
     report = write_html(folder, summary, [(n, data_uri(cv2.resize(p, None, fx=0.5, fy=0.5))) for n, p in overlays],
                         gallery)

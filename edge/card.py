@@ -18,6 +18,15 @@ def label_of(prob: float, threshold: float, class_names=CLASS_NAMES) -> str:
     return class_names[int(prob >= threshold)]
 
 
+def calibrated(prob, temperature: float = 1.0):
+    """P(Parasitized) after the card's temperature scaling: what a displayed confidence means. Monotone
+    with 0.5 fixed, so labels and thresholds (set on the raw P) are untouched."""
+    import numpy as np
+    p = np.clip(np.asarray(prob, np.float64), 1e-6, 1 - 1e-6)
+    out = 1 / (1 + np.exp(-np.log(p / (1 - p)) / temperature))
+    return float(out) if np.ndim(prob) == 0 else out
+
+
 @dataclass
 class ModelCard:
     name: str
@@ -34,6 +43,8 @@ class ModelCard:
     threshold: float = 0.5
     # name → {threshold, rule, sensitivity, specificity, counts: {tp, fn, tn, fp} on validation, test: {...}}
     operating_points: dict = field(default_factory=dict)
+    temperature: float = 1.0  # confidence shown = calibrated(P, temperature), fitted on validation
+    calibration: dict = field(default_factory=dict)  # ECE before/after on validation and test
     gradcam_layer: str = ""
     weights_origin: str = ""
     split_hash: str = ""

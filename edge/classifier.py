@@ -13,7 +13,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from edge.card import label_of
+from edge.card import calibrated, label_of
 from edge.gradcam import classes_to_explain
 from edge.images import load_image
 from edge.preprocess import resize_rgb
@@ -25,8 +25,8 @@ Image = Union[str, Path, np.ndarray]
 @dataclass(frozen=True)
 class Prediction:
     label: str
-    prob_parasitized: float
-    confidence: float  # of the label shown
+    prob_parasitized: float  # the model's output: thresholds and operating points apply to it
+    confidence: float  # that the label shown is right: temperature-calibrated (the card's temperature)
     threshold: float
 
 
@@ -76,7 +76,15 @@ class Classifier:
 
     def prediction(self, prob: float) -> Prediction:
         label = label_of(prob, self.threshold, self.model.card.class_names)
-        return Prediction(label, prob, prob if label == self.model.card.class_names[1] else 1 - prob, self.threshold)
+        return Prediction(label, prob, self.confidence(prob, label), self.threshold)
+
+    def calibrated(self, prob):
+        """P(Parasitized) as the displayed confidence means it (temperature scaling from the card)."""
+        return calibrated(prob, self.model.card.temperature)
+
+    def confidence(self, prob: float, label: str) -> float:
+        pc = self.calibrated(prob)
+        return pc if label == self.model.card.class_names[1] else 1 - pc
 
     def explain(self, images: Image | Sequence[Image], evidence: str = "label") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(P(Parasitized), heat maps in [0,1], the class index each map explains): the label's class, or

@@ -168,7 +168,7 @@ def run_files(paths, clf: Classifier, opts: RunOptions) -> int:
             if heat is not None:
                 good = [(d, r) for d, r in zip(items, rows) if r.status == "ok"]
                 for k, (d, r) in enumerate(good):
-                    save_png(opts.out / names[d.path], overlay(d.rgb, heat[k], r.label, r.prob_parasitized,
+                    save_png(opts.out / names[d.path], overlay(d.rgb, heat[k], r.label, clf.calibrated(r.prob_parasitized),
                                                                panel=opts.panel, heat_class=clf.model.card.class_names[cls[k]]))
             for r in rows:
                 if r.status == "error" and opts.quiet:

@@ -211,6 +211,7 @@ class Session:
             "fields_failed": sum(f.status == "error" for f in self.fields),
             "cell_diameter_px_median": _r(float(np.median(sizes)), 1) if sizes else None,
             "model": model.path.name, "operating_point": self.opts.operating_point, "threshold": self.opts.threshold,
+            "temperature": model.card.temperature,
             "sensitivity_validation": _r(e.sensitivity), "specificity_validation": _r(e.specificity),
             "method": e.method,
             "fields": [f.summary() for f in self.fields],

@@ -19,7 +19,8 @@ def upsample(heat: np.ndarray, w: int, h: int) -> np.ndarray:
 def overlay(rgb: np.ndarray, heat: np.ndarray | None, label: str, prob: float, alpha: float = 0.45,
             panel: bool = False, heat_class: str | None = None) -> np.ndarray:
     """RGB image + heat map in [0,1] → annotated BGR picture (for cv2.imencode); no map: label only.
-    The legend names the class the map explains (`heat_class`, default: the label's)."""
+    `prob` is the P(Parasitized) the confidence is shown from (pass the calibrated one). The legend names
+    the class the map explains (`heat_class`, default: the label's)."""
     h, w = rgb.shape[:2]
     scale = max(1.0, MIN_SIDE / min(h, w))
     if scale > 1:

@@ -45,7 +45,7 @@ def run_live(src: Source, clf: Classifier, opts: RunOptions) -> int:
                 prob = float(clf.probabilities(x)[0])
             label = clf.prediction(prob).label
             name = f"frame_{n:06d}.png"
-            annotated = overlay(rgb, heat, label, prob, panel=opts.panel, heat_class=cls)
+            annotated = overlay(rgb, heat, label, clf.calibrated(prob), panel=opts.panel, heat_class=cls)
             save_png(sdir / "frames" / name, annotated)
             for w in [writer, *extra]:
                 w.write([Row(f"{src.spec}#{n}", label, prob, clf.model.path.name, "ok")])

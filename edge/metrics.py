@@ -149,3 +149,40 @@ def parity(y, p_ref, p_new, threshold: float = 0.5) -> dict:
         "agreement_pct": 100 * float(np.mean((p_new >= threshold) == (p_ref >= threshold))),
         "mean_abs_dprob": float(d.mean()), "max_abs_dprob": float(d.max()),
     }
+
+
+def ece(y, p, bins: int = 15) -> float:
+    """Expected calibration error of the predicted class's confidence, equal-width bins."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, float)
+    pred = (p >= 0.5).astype(int)
+    conf = np.where(pred == 1, p, 1 - p)
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            total += m.mean() * abs(np.mean(pred[m] == y[m]) - conf[m].mean())
+    return float(total)
+
+
+def fit_temperature(y, p) -> float:
+    """The temperature minimising the negative log-likelihood of sigmoid(logit(p) / T) (golden section on
+    log T in [e^-3, e^3]): one parameter, so it cannot overfit a validation split of thousands."""
+    y = np.asarray(y).astype(float)
+    z = np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6)))
+
+    def nll(log_t):
+        q = np.clip(1 / (1 + np.exp(-z / np.exp(log_t))), 1e-12, 1 - 1e-12)
+        return -np.mean(y * np.log(q) + (1 - y) * np.log(1 - q))
+
+    a, b, g = -3.0, 3.0, (np.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    for _ in range(80):
+        if nll(c) < nll(d):
+            b, d = d, c
+            c = b - g * (b - a)
+        else:
+            a, c = c, d
+            d = a + g * (b - a)
+    return float(np.exp((a + b) / 2))

@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.card import atomic_write_text
+from edge.card import atomic_write_text, calibrated
 from edge.field import FieldResult
 from edge.gradcam import overlay as gradcam_overlay
 
@@ -85,7 +85,7 @@ def write_html(out: Path, summary: dict, overlays: list[tuple[str, str]],
                    for name, uri in overlays)
     cards = []
     for name, idx, prob, rgb, heat in gallery:
-        pic = gradcam_overlay(rgb, heat, "Parasitized", prob, panel=True)
+        pic = gradcam_overlay(rgb, heat, "Parasitized", calibrated(prob, e.get("temperature", 1.0)), panel=True)
         cards.append(f"<div class='cell'><img src='{data_uri(pic, '.png')}'><br>{html.escape(Path(name).name)} "
                      f"#{idx}<br>P(parasitized) {prob:.3f}<br><label><input type='checkbox'> confirmed</label></div>")
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>malaria-edge session report</title>

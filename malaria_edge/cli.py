@@ -217,13 +217,17 @@ def _ci(m, k):
 @click.option("--operating-points", is_flag=True,
               help="Set the named operating points (screening: sensitivity >= 0.97, counting: specificity >= 0.995) "
                    "on the validation split, with their confusion counts and test-split rates.")
-@click.option("--update-card", is_flag=True, help="Write the chosen threshold (or operating points) into the model card.")
+@click.option("--calibrate", is_flag=True,
+              help="Fit temperature scaling on the validation split (the confidence shown then means what it says); "
+                   "reports ECE before and after on validation and test, and a reliability diagram into --plots.")
+@click.option("--update-card", is_flag=True,
+              help="Write the chosen threshold, operating points or temperature into the model card.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write metrics JSON here.")
 @click.option("--predictions", type=click.Path(path_type=Path), default=None, help="Write one CSV row per image here.")
 @click.option("--plots", type=click.Path(path_type=Path), default=None, help="Folder for confusion matrix and ROC PNGs.")
 @_fail_cleanly
-def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitivity, operating_points, update_card,
-                 json_path, predictions, plots):
+def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitivity, operating_points, calibrate,
+                 update_card, json_path, predictions, plots):
     """Accuracy, precision, recall, specificity, F1, AUC, MCC with patient-bootstrap 95% CIs.
 
     MODEL_PATH is a .keras file or an exported .tflite/.onnx (run through the edge runtime).
@@ -238,6 +242,17 @@ def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitiv
         card = None
     if threshold is None:
         threshold = card.threshold if card else 0.5
+    if calibrate:
+        from train.evaluate import fit_calibration
+        t, cal = fit_calibration(model_path, data_dir, plots)
+        click.echo(f"temperature {t:.4f} (fitted on the validation split); ECE validation {cal['val_ece_before']:.4f} "
+                   f"→ {cal['val_ece_after']:.4f}" + (f", test {cal['test_ece_before']:.4f} → {cal['test_ece_after']:.4f}"
+                                                      if "test_ece_after" in cal else ""))
+        if update_card and card:
+            card.temperature, card.calibration = t, cal
+            write_card(model_path, card)
+            click.echo(f"temperature written to {model_path.name}'s card")
+        return
     if operating_points:
         from train.evaluate import set_operating_points
         ops = set_operating_points(model_path, data_dir)

@@ -71,3 +71,32 @@ def test_metrics_agree_with_scikit_learn(seed):
     assert m["auc"] == pytest.approx(S.roc_auc_score(y, p))
     assert M.roc_auc(y, p, w) == pytest.approx(S.roc_auc_score(y, p, sample_weight=w))
     assert np.allclose(M.confusion(y, pred), S.confusion_matrix(y, pred))
+
+
+def test_fit_temperature_recovers_a_known_overconfidence():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 4, 20000)  # the model's logits
+    y = (rng.random(20000) < 1 / (1 + np.exp(-z / 2.0))).astype(int)  # the truth is half as sure
+    p = 1 / (1 + np.exp(-z))
+    assert M.fit_temperature(y, p) == pytest.approx(2.0, rel=0.05)
+    from edge.card import calibrated
+    assert M.ece(y, calibrated(p, M.fit_temperature(y, p))) < M.ece(y, p) / 3
+
+
+def test_ece_by_hand():
+    # two bins of the predicted class's confidence: 0.6 (2 right of 2) and 0.9 (1 right of 2)
+    y = np.array([1, 0, 1, 1])
+    p = np.array([0.6, 0.4, 0.9, 0.9])
+    want = 0.5 * abs(1.0 - 0.6) + 0.5 * abs(1.0 - 0.9)
+    assert M.ece(y, p, bins=5) == pytest.approx(want)
+    y2 = np.array([1, 0, 1, 0])
+    assert M.ece(y2, p, bins=5) == pytest.approx(0.5 * abs(1.0 - 0.6) + 0.5 * abs(0.5 - 0.9))
+
+
+def test_calibration_keeps_labels_and_thresholds():
+    from edge.card import calibrated
+    p = np.linspace(0.001, 0.999, 999)
+    for t in (0.7, 1.0, 1.5):
+        q = calibrated(p, t)
+        assert np.all(np.diff(q) > 0) and np.array_equal(q >= 0.5, p >= 0.5)
+    assert calibrated(0.9, 1.0) == pytest.approx(0.9)

@@ -37,3 +37,10 @@ def test_readme_quick_start_classifies_the_bundled_examples_correctly(tmp_path):
         path, label = r.split(",")[:2]
         assert f"/{label}/" in path
     assert len(list(tmp_path.glob("*_gradcam.png"))) == 8
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if not p.stem.endswith("_explainer")], ids=lambda p: p.name)
+def test_every_shipped_classifier_is_calibrated_on_validation(path):
+    card = read_card(path)
+    assert card.temperature > 0 and card.calibration["fitted_on"].startswith("val split")
+    assert card.calibration["test_ece_after"] <= 0.02

@@ -132,9 +132,10 @@ def set_operating_points(model_path: Path, data_dir: Path) -> dict:
     probabilities), plus the test split's sensitivity and specificity at each, with patient-bootstrap CIs."""
     val = from_prepared(data_dir, "val")
     ops = M.operating_points(val.labels, predict_file(model_path, val.images))
+    from train.data import DataError
     try:
         test = from_prepared(data_dir, "test")
-    except ValueError:
+    except DataError:  # a packed bundle carries no test split
         return ops
     p = predict_file(model_path, test.images)
     for op in ops.values():
@@ -144,3 +145,29 @@ def set_operating_points(model_path: Path, data_dir: Path) -> dict:
                       "ci95": {"sensitivity": [round(v, 4) for v in r["ci95"]["recall"]],
                                "specificity": [round(v, 4) for v in r["ci95"]["specificity"]]}}
     return ops
+
+
+def fit_calibration(model_path: Path, data_dir: Path, plots_dir: Path | None = None) -> tuple[float, dict]:
+    """Temperature scaling fitted on the validation split with this artifact's own probabilities; the ECE
+    before and after on validation and, where it is there, on the test split (scored, never fitted on)."""
+    from edge.card import calibrated
+    from train.data import DataError
+    val = from_prepared(data_dir, "val")
+    p_val = predict_file(model_path, val.images)
+    t = M.fit_temperature(val.labels, p_val)
+    out = {"fitted_on": val.name, "val_ece_before": M.ece(val.labels, p_val),
+           "val_ece_after": M.ece(val.labels, calibrated(p_val, t))}
+    sets = {"validation": (val.labels, p_val)}
+    try:
+        test = from_prepared(data_dir, "test")
+        p_test = predict_file(model_path, test.images)
+        out.update(test_ece_before=M.ece(test.labels, p_test), test_ece_after=M.ece(test.labels, calibrated(p_test, t)),
+                   test_n=int(len(test.labels)))
+        sets["test"] = (test.labels, p_test)
+    except DataError:
+        pass
+    out = {k: round(v, 5) if isinstance(v, float) else v for k, v in out.items()}
+    if plots_dir is not None:
+        plots.reliability({k: (y, p, calibrated(p, t)) for k, (y, p) in sets.items()},
+                          plots_dir / f"{model_path.name}.reliability.png", f"{model_path.name}, T = {t:.3f}")
+    return t, out
