@@ -3,6 +3,7 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from tests.conftest import run
@@ -47,3 +48,14 @@ def test_bench_rows_cover_every_artifact_with_sane_values(bench_result):
     assert len(rows) == len(res["rows"]) and "speedup_vs_keras_predict" in rows[0]
     md = (bench_result / "tiny.md").read_text()
     assert "| Artifact | Size MB | Accuracy |" in md and "cells/s" in md and "cores" in md
+
+
+def test_tta_views_are_the_eight_rotations_and_flips_of_each_cell():
+    from benchmarks.tta import dihedral
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (2, 6, 6, 3), dtype=np.uint8)
+    views = dihedral(x)
+    assert len(views) == 8 and all(v.shape == x.shape for v in views)
+    assert len({v.tobytes() for v in views}) == 8  # all distinct on a random image
+    assert np.array_equal(views[0], x) and np.array_equal(views[2], np.rot90(x, 1, axes=(1, 2)))
+    assert all(np.array_equal(np.sort(v[i].ravel()), np.sort(x[i].ravel())) for v in views for i in range(2))

@@ -72,3 +72,12 @@ def test_readme_commands_write_only_where_git_ignores_or_where_artifacts_are_com
             continue
         ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", t], cwd=ROOT).returncode == 0
         assert ignored, f"README writes {t}, which git would show as untracked"
+
+
+def test_malaria_edge_infer_runs_where_tensorflow_cannot_be_imported():
+    from tests.test_edge import BLOCK_TF
+    cell = str(next((ROOT / "examples" / "cells").rglob("*.png")))
+    code = BLOCK_TF + f"sys.argv = ['malaria-edge', 'infer', {cell!r}, '--format', 'jsonl']\n" \
+                      "from malaria_edge.cli import main\nmain()\n"
+    res = run(["-c", code])
+    assert res.returncode == 0 and '"status": "ok"' in res.stdout, res.stderr[-800:]
