@@ -41,6 +41,9 @@ def test_bench_rows_cover_every_artifact_with_sane_values(bench_result):
     for r in res["rows"][1:]:  # each speed-up is the baseline's p50 over the row's own, measured in the same run
         assert r["speedup_vs_keras_predict"] == pytest.approx(base / r[f"p50_b1_t{tmax}_ms"])
     assert res["macs_per_image"] > 1e6 and res["peaks"]["1"]["fp32_gflops"] > 0
+    f = res["field_mode"]
+    assert f["cells"] > 100 and f["fields_per_s"] == pytest.approx(1000 / f["total_ms"])
+    assert f["total_ms"] >= f["detect_ms"] + f["classify_ms"] and "fields/s" in (bench_result / "tiny.md").read_text()
     e = res["end_to_end"]
     assert e["images"] == 12 and e["cells_per_s"] > 0 and e["peak_rss_mb"] > 10
     with open(bench_result / "tiny.csv", newline="") as f:
