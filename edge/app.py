@@ -19,8 +19,9 @@ import cv2
 import numpy as np
 import streamlit as st
 
-from edge.card import CardError, calibrated, label_of, read_card
-from edge.gradcam import classes_to_explain, overlay
+from edge.card import CardError, calibrated, read_card
+from edge.classifier import Classifier
+from edge.gradcam import overlay
 from edge.images import IMAGE_SUFFIXES, ImageError, decode_image
 from edge.infer import not_a_cell
 from edge.preprocess import resize_rgb
@@ -124,24 +125,28 @@ def cells_tab(model, explainer, lock, thr: float, evidence: str) -> None:
             rows.append({"file": f.name, "label": "", "prob_parasitized": None, "status": "error", "error": why})
             continue
         good.append((f.name, rgb))
-    pics = {}
+    pics = []
     if good:
-        x = np.stack([resize_rgb(rgb, model.size) for _, rgb in good])
+        clf = Classifier(model, thr, explainer)  # this session's threshold over the shared, locked model
+        x = clf.batch([rgb for _, rgb in good])
         with lock:
-            probs = model.predict(x)
-            cls = classes_to_explain(probs, thr, evidence)
-            heat = explainer.explain(x, cls)[1] if explainer is not None else [None] * len(good)
+            if explainer is not None:
+                probs, heat, cls = clf.explain(x, evidence)
+            else:
+                probs = clf.probabilities(x)
+                heat, cls = [None] * len(good), [None] * len(good)
+        names = model.card.class_names
         for (name, rgb), p, c, h in zip(good, probs, cls, heat):
-            label = label_of(float(p), thr, model.card.class_names)
-            pc = calibrated(float(p), model.card.temperature)
-            conf = pc if label == "Parasitized" else 1 - pc
-            pic = overlay(rgb, h, label, pc, panel=True, heat_class=model.card.class_names[c])
-            pics[name] = pic
-            rows.append({"file": name, "label": label, "prob_parasitized": round(float(p), 6), "status": "ok", "error": ""})
+            pred = clf.prediction(float(p))
+            pic = overlay(rgb, h, pred.label, clf.calibrated(float(p)), panel=True,
+                          heat_class=None if c is None else names[c])
+            pics.append((name, pic))
+            rows.append({"file": name, "label": pred.label, "prob_parasitized": round(float(p), 6), "status": "ok",
+                         "error": ""})
             left, right = st.columns([3, 2])
             left.image(to_rgb(pic), caption=name)
-            right.markdown(f"### {label}\nconfidence **{conf:.1%}** · P(Parasitized) {p:.4f} · threshold {thr:.4f}"
-                           + (f"\n\nGrad-CAM: evidence for **{model.card.class_names[c]}**" if h is not None else ""))
+            right.markdown(f"### {pred.label}\nconfidence **{pred.confidence:.1%}** · P(Parasitized) {p:.4f} · "
+                           f"threshold {thr:.4f}" + (f"\n\nGrad-CAM: evidence for **{names[c]}**" if h is not None else ""))
     st.subheader("Results")
     st.dataframe(rows, hide_index=True)
     buf = io.StringIO()
@@ -153,8 +158,8 @@ def cells_tab(model, explainer, lock, thr: float, evidence: str) -> None:
     if pics:
         z = io.BytesIO()
         with zipfile.ZipFile(z, "w") as zf:
-            for name, pic in pics.items():
-                zf.writestr(f"{Path(name).stem}_gradcam.png", cv2.imencode(".png", pic)[1].tobytes())
+            for k, (name, pic) in enumerate(pics):
+                zf.writestr(f"{k:03d}_{Path(name).stem}_gradcam.png", cv2.imencode(".png", pic)[1].tobytes())
         b.download_button("Download overlays (zip)", z.getvalue(), "overlays.zip", "application/zip", key="dl-cells-zip")
 
 
