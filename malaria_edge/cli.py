@@ -171,12 +171,15 @@ def data_unpack(bundle, out):
                    "metrics always use the whole split).")
 @click.option("--target-sensitivity", type=float, default=None,
               help="Set the card's threshold to reach this sensitivity on validation (default: 0.5).")
+@click.option("--field-crops", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of training crops made to look like field mode's (mask a few px off, a platelet stuck "
+                   "to the rim, a slice of a neighbour).")
 @click.option("--init", type=click.Path(path_type=Path, exists=True), default=None,
               help="Continue from this .keras (--epochs 0: only the fine-tune stage; --epochs 0 --finetune-epochs 0: "
                    "only score it, e.g. after training elsewhere).")
 @_fail_cleanly
 def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, weights, alpha, patience,
-              max_minutes, workers, mixed_precision, max_train, max_val, target_sensitivity, init):
+              max_minutes, workers, mixed_precision, max_train, max_val, target_sensitivity, field_crops, init):
     """Train a recipe on the patient-grouped train split, pick the best epoch on validation,
     then report test metrics with 95% CIs and write the model card and plots."""
     from train.data import load_prepared
@@ -187,7 +190,7 @@ def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, w
     cfg = TrainConfig(recipe=recipe, epochs=epochs, finetune_epochs=finetune_epochs, batch=batch, lr=lr, seed=seed,
                       weights=weights, alpha=alpha, patience=patience, max_minutes=max_minutes, workers=workers,
                       mixed_precision=mixed_precision,
-                      max_train=max_train, max_val=max_val, init=str(init) if init else None,
+                      max_train=max_train, max_val=max_val, field_crops=field_crops, init=str(init) if init else None,
                       verbose=1 if sys.stdout.isatty() else 2)
     try:
         model, info = train(data, cfg, out)

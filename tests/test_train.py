@@ -1,6 +1,7 @@
 """Recipes build flat with an addressable Grad-CAM layer; a tiny real run yields a model and card that load."""
 import json
 
+import cv2
 import keras
 import numpy as np
 import pytest
@@ -194,3 +195,17 @@ def test_max_train_leaves_validation_whole(prepared, tmp_path, capsys):
     _, info = train(data, TrainConfig(recipe="cnn", epochs=1, batch=8, verbose=0, max_train=6), tmp_path / "run")
     assert info["train_images"] == 6 and info["val_images"] == len(data.indices("val"))
     assert "train: a random 6 of" in capsys.readouterr().out
+
+
+def test_field_crop_augmentation_changes_only_the_asked_share_and_keeps_the_cell(prepared):
+    from train.data import load_prepared
+    from train.train import field_crop_batch
+    x = np.asarray(load_prepared(prepared).images[:40])
+    out = field_crop_batch(x, np.random.default_rng(0), 0.5)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    changed = [not np.array_equal(a, b) for a, b in zip(x, out)]
+    assert 8 <= sum(changed) <= 32  # about half of 40
+    for a, b in zip(x, out):  # the cell's interior (away from its rim) is never touched
+        core = cv2.erode((a.max(axis=2) > 12).astype(np.uint8), np.ones((3, 3), np.uint8), iterations=12).astype(bool)
+        assert np.array_equal(a[core], b[core])
+    assert np.array_equal(field_crop_batch(x, np.random.default_rng(0), 0.0), x)

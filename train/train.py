@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import keras
 import numpy as np
 
@@ -27,10 +28,11 @@ class CellBatches(keras.utils.PyDataset):
     per-channel gain (stain colour/hue variation between slides).
     """
 
-    def __init__(self, images, labels, idx, batch: int, augment: bool, seed: int = 0, **kw):
+    def __init__(self, images, labels, idx, batch: int, augment: bool, seed: int = 0, field_crops: float = 0.0,
+                 **kw):
         super().__init__(**kw)
         self.images, self.labels, self.idx = images, labels, np.asarray(idx)
-        self.batch, self.augment = batch, augment
+        self.batch, self.augment, self.field_crops = batch, augment, field_crops
         self.rng = np.random.default_rng(seed)
         self.order = self.idx.copy()
         if augment:
@@ -45,7 +47,10 @@ class CellBatches(keras.utils.PyDataset):
         y = self.labels[sel].astype(np.float32)
         if self.augment:
             # A generator per batch: worker threads may call this concurrently.
-            return augment_batch(x, np.random.default_rng((self.rng.integers(2**32), i))), y
+            rng = np.random.default_rng((self.rng.integers(2**32), i))
+            if self.field_crops:
+                x = field_crop_batch(x, rng, self.field_crops)
+            return augment_batch(x, rng), y
         return x.astype(np.float32), y
 
     def on_epoch_end(self):
@@ -79,6 +84,46 @@ def augment_batch(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def field_crop_batch(x: np.ndarray, rng: np.random.Generator, p: float) -> np.ndarray:
+    """Make a share `p` of the crops look like the ones field mode's detector cuts: the mask eroded or grown
+    by a few pixels, a stained blob stuck to the rim (a platelet), or a slice of a neighbouring cell in
+    the black background. None of these changes the label: they are what field crops of uninfected and
+    infected cells alike carry, and what the classifier must not call a parasite."""
+    x = x.copy()
+    n, h, w, _ = x.shape
+    k3 = np.ones((3, 3), np.uint8)
+    for i in np.nonzero(rng.random(n) < p)[0]:
+        img = x[i]
+        mask = img.max(axis=2) > 12
+        if mask.sum() < 50:
+            continue
+        kind = rng.integers(3)
+        if kind == 0:  # the mask a few pixels tighter or looser (grown with the cell's own rim colour)
+            r = int(rng.integers(1, 4))
+            if rng.random() < 0.5:
+                img[~cv2.erode(mask.astype(np.uint8), k3, iterations=r).astype(bool)] = 0
+            else:
+                grown = cv2.dilate(mask.astype(np.uint8), k3, iterations=r).astype(bool) & ~mask
+                rim = mask & ~cv2.erode(mask.astype(np.uint8), k3, iterations=2).astype(bool)
+                img[grown] = np.median(img[rim], axis=0).astype(np.uint8)
+        elif kind == 1:  # 1-3 stained blobs centred on the rim, mostly outside the cell
+            ys, xs = np.nonzero(mask & ~cv2.erode(mask.astype(np.uint8), k3, iterations=1).astype(bool))
+            colour = np.array([rng.uniform(120, 210), rng.uniform(30, 90), rng.uniform(130, 190)])
+            for _ in range(int(rng.integers(1, 4))):
+                j = int(rng.integers(len(ys)))
+                cv2.circle(img, (int(xs[j]), int(ys[j])), int(rng.integers(3, 9)), tuple(float(c) for c in colour), -1)
+        else:  # a slice of another crop of the batch at one side, in the background only
+            other = np.rot90(x[int(rng.integers(n))], int(rng.integers(4)))
+            cut = int(rng.uniform(0.1, 0.3) * w)
+            side = int(rng.integers(4))
+            sl = np.rot90(np.zeros_like(img), side)
+            sl[:, :cut] = other[:, -cut:]
+            sl = np.rot90(sl, -side)
+            put = (sl.max(axis=2) > 12) & ~mask
+            img[put] = sl[put]
+    return x
+
+
 class Deadline(keras.callbacks.Callback):
     """Stops training before the epoch that would end past `deadline` (time.time() seconds)."""
 
@@ -110,6 +155,7 @@ class TrainConfig:
     mixed_precision: bool = False
     max_train: int | None = None  # cap on training images (tiny runs, tests)
     max_val: int | None = None  # cap on validation images (its own flag: capping train never caps validation)
+    field_crops: float = 0.0  # share of training crops made to look like field mode's crops (field_crop_batch)
     init: str | None = None  # continue from this .keras (e.g. only the fine-tune stage, with epochs=0)
     verbose: int = 1
 
@@ -142,7 +188,8 @@ def train(data: Prepared, cfg: TrainConfig, out: Path) -> tuple[keras.Model, dic
             idx = np.sort(rng.choice(idx, cap, replace=False))
             tr, va = (idx, va) if name == "train" else (tr, idx)
     par = dict(workers=cfg.workers, use_multiprocessing=False) if cfg.workers > 1 else {}
-    train_ds = CellBatches(data.images, data.labels, tr, cfg.batch, augment=True, seed=cfg.seed, **par)
+    train_ds = CellBatches(data.images, data.labels, tr, cfg.batch, augment=True, seed=cfg.seed,
+                           field_crops=cfg.field_crops, **par)
     val_ds = CellBatches(data.images, data.labels, va, 128, augment=False, **par)
     model = keras.models.load_model(cfg.init, compile=False) if cfg.init else build(cfg, size)
     base_names = base_layer_names(model)
