@@ -84,8 +84,8 @@ def _shrink(img: np.ndarray, scale: float) -> np.ndarray:
 
 def eyepiece_mask(rgb: np.ndarray, p: DetectParams) -> np.ndarray:
     """The bright field of view: everything not dark, as one filled region (the whole image if no disc)."""
-    v = rgb.max(axis=2)
-    bright = float(np.percentile(v, 95))
+    v = cv2.max(cv2.max(rgb[..., 0], rgb[..., 1]), rgb[..., 2])  # NumPy's max over a 3-long axis is 10× slower
+    bright = _percentile_u8(v, 95)
     inside = (v > p.eyepiece_dark * bright).astype(np.uint8)
     if inside.mean() > 0.97:
         return np.ones(v.shape, bool)
@@ -98,6 +98,15 @@ def eyepiece_mask(rgb: np.ndarray, p: DetectParams) -> np.ndarray:
     k = max(3, int(0.02 * max(v.shape)) | 1)
     disc = cv2.morphologyEx(disc, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
     return _fill_holes(disc.astype(bool), max_area=None)
+
+
+def _percentile_u8(v: np.ndarray, q: float) -> float:
+    """np.percentile(v, q) (linear interpolation) of a uint8 image, from its histogram: no sort."""
+    cum = np.cumsum(np.bincount(v.ravel(), minlength=256))
+    pos = q / 100 * (cum[-1] - 1)
+    lo = int(np.searchsorted(cum, np.floor(pos), side="right"))
+    hi = int(np.searchsorted(cum, np.ceil(pos), side="right"))
+    return float(lo + (hi - lo) * (pos - np.floor(pos)))
 
 
 def _fill_holes(mask: np.ndarray, max_area: float | None) -> np.ndarray:
@@ -148,7 +157,8 @@ def _foreground(rgb: np.ndarray, inside: np.ndarray, d: float) -> tuple[np.ndarr
     src = np.where(inside[..., None], rgb, 0).astype(np.uint8)
     local = cv2.dilate(src, cv2.getStructuringElement(cv2.MORPH_RECT, (k, k)))
     local = cv2.blur(local, (k, k)).astype(np.float32)
-    dist = np.sqrt(((rgb.astype(np.float32) - local) ** 2).sum(axis=2))
+    sq = cv2.split(cv2.pow(cv2.subtract(rgb.astype(np.float32), local), 2))
+    dist = np.sqrt(cv2.add(cv2.add(sq[0], sq[1]), sq[2]))  # NumPy's sum over a 3-long axis is 10× slower
     t = _otsu(np.clip(dist[inside], 0, 255))
     fg = (dist > t) & inside
     bg_level = float(np.median(g[inside & ~fg])) if (inside & ~fg).any() else float(np.median(vals))
