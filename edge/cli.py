@@ -99,6 +99,8 @@ def main(paths, model_path, camera, video, gradcam, panel, out, output, fmt, thr
     if resume and (field_mode or camera is not None or video is not None):
         raise click.UsageError("--resume continues a run over image files; a field session or a live run "
                                "starts its own session folder")
+    if threshold is not None and not 0 < threshold < 1:
+        raise click.UsageError("--threshold must be between 0 and 1")
     if field_mode and threshold is not None:
         raise click.UsageError("--threshold with --field: the parasitemia correction needs the sensitivity and "
                                "specificity measured at its threshold; choose a card's --operating-point instead")

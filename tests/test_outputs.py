@@ -118,3 +118,8 @@ def test_malaria_edge_user_mistakes_are_one_line(args, message, tiny_model, expo
     res = run(["-m", "malaria_edge", *[a.format(**names) for a in args]])
     assert res.returncode in (1, 2) and message in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "exp").exists()
+
+
+def test_a_threshold_outside_0_1_is_a_usage_error():
+    res = infer(CELLS[0], "--threshold", "1.5")
+    assert res.returncode == 2 and "--threshold must be between 0 and 1" in res.stderr
