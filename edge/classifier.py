@@ -3,7 +3,7 @@
     from edge import Classifier
     clf = Classifier.load()                       # the shipped default int8 model, its card's threshold
     clf.predict("cell.png")                       # [Prediction(label='Parasitized', ...)]
-    heat = clf.explain(rgb_array)                 # Grad-CAM of the class each label shows
+    probs, heat, cls = clf.explain(rgb_array)     # Grad-CAM of the class each label shows
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ whole pipeline, and every ground-truth cell the detector found keeps its true la
 its re-cut crop got: the benchmark's session pool (bench-fields), and a way to compare those rates with
 the validation crops' (the card's). Measured 2026-11-26 on the validation split with the shipped
 MobileNetV2 int8 at the counting point: specificity 0.974 (0.982 with platelets kept in the gaps) against
-0.995 on the validation crops, while the real healthy fields give 0 positives in 1,120 cells, so the
-generator, not the field crops, is what is off; the card's validation counts stay the correction's.
+0.995 on the validation crops, while the real healthy fields give 0 positives in 1,120 cells: the
+synthetic crops are harder than those real ones (platelets stuck to cells, slivers of neighbours), so
+rates measured here would over-correct real fields, and the card's validation counts stay the correction's.
 """
 from __future__ import annotations
 
