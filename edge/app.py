@@ -10,15 +10,18 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 import tempfile
 import threading
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import streamlit as st
 
+from edge.camera import CameraError
 from edge.card import CardError, calibrated, read_card
 from edge.classifier import Classifier
 from edge.gradcam import overlay
@@ -28,6 +31,7 @@ from edge.preprocess import resize_rgb
 from edge.runtime import ModelError, default_model, load_classifier, load_explainer_for, models_dirs
 
 MAX_UPLOAD_MB = 50  # also passed to Streamlit's server by `malaria-edge app`
+CAMERA = os.environ.get("MALARIA_EDGE_CAMERA", "auto")  # `malaria-edge app --camera SPEC`
 NOTE = "Research use only, not a diagnosis: a trained microscopist must confirm every result."
 TYPES = sorted(s.lstrip(".") for s in IMAGE_SUFFIXES)
 
@@ -86,6 +90,26 @@ def default_index(models: dict[str, Path], mode: str) -> int:
         return next(i for i, p in enumerate(models.values()) if p.resolve() == want)
     except (StopIteration, ModelError):
         return 0
+
+
+@dataclass(frozen=True)
+class Capture:
+    """A field grabbed from the camera beside the app, held like an upload (name, getvalue)."""
+    name: str
+    data: bytes
+
+    def getvalue(self) -> bytes:
+        return self.data
+
+
+def capture_field(spec: str, k: int) -> Capture:
+    """One frame from the microscope camera on the machine running the app (the Pi camera, a USB camera,
+    or a video file standing in for one), as a lossless PNG."""
+    from edge.camera import Source, frames, parse_camera
+    src = Source(spec, is_file=True) if Path(spec).is_file() else parse_camera(spec)
+    for _, _, frame in frames(src, retries=1, retry_wait=0.5, log=lambda m: None):
+        return Capture(f"camera-{k + 1:03d}.png", cv2.imencode(".png", frame)[1].tobytes())
+    raise CameraError(f"{src.describe()} gave no frame")
 
 
 def sidebar(models: dict[str, Path]):
@@ -183,12 +207,23 @@ def fields_tab(models: dict[str, Path]) -> None:
                "the parasitemia is corrected for the model's sensitivity and specificity there.")
     files = list(st.file_uploader("Field photos (a whole microscope field each)", type=TYPES,
                                   accept_multiple_files=True, key="fields") or [])
-    if st.checkbox("Take a photo with a camera on this device", key="use-camera"):
+    captures = st.session_state.setdefault("captures", [])
+    a, b = st.columns(2)
+    if a.button(f"Capture a field from the microscope camera ({CAMERA})", key="capture"):
+        try:
+            captures.append(capture_field(CAMERA, len(captures)))
+        except CameraError as e:
+            st.error(f"camera: {e}")
+    if captures and b.button(f"Forget the {len(captures)} captured field(s)", key="forget"):
+        captures.clear()
+    files += captures
+    if st.checkbox("Take a photo with a camera on the device that opened this page", key="use-camera"):
         shot = st.camera_input("Field photo", key="camera")
         if shot is not None:
             files.append(shot)
     if not files:
-        st.info("Upload field photos, or take one. Each is searched for red cells; each cell is classified.")
+        st.info("Upload field photos, capture one from the microscope camera, or take one. Each is searched for "
+                "red cells; each cell is classified.")
         return
     cache, used = st.session_state.setdefault("field-cache", {}), set()
     session = Session(opts)

@@ -401,7 +401,10 @@ _add_infer()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; 0.0.0.0 lets a phone or laptop on the local network open it.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8501, show_default=True)
-def app_cmd(host, port):
+@click.option("--camera", default="auto", show_default=True, metavar="[auto|picam|INDEX|URL|VIDEO]",
+              help="The microscope camera the Fields tab captures from (as edge-infer --camera; a video file "
+                   "stands in for one).")
+def app_cmd(host, port, camera):
     """The browser app (Streamlit) on the edge runtime: cells and fields, Grad-CAM, reports.
 
     Needs the app extra: pip install -e ".[app]". No TensorFlow: it runs on the Pi beside the microscope.
@@ -415,6 +418,7 @@ def app_cmd(host, port):
     args = [sys.executable, "-m", "streamlit", "run", app.__file__, "--server.address", host,
             "--server.port", str(port), "--server.maxUploadSize", str(app.MAX_UPLOAD_MB), "--server.headless", "true",
             "--browser.gatherUsageStats", "false", "--global.developmentMode", "false", "--client.toolbarMode", "minimal"]
+    os.environ["MALARIA_EDGE_CAMERA"] = camera
     os.execv(sys.executable, args)  # this process becomes the server: Ctrl-C and kill reach it directly
 
 

@@ -216,3 +216,32 @@ def test_in_a_real_browser_an_uploaded_cell_gets_its_prediction(served, tmp_path
         print(f"first paint {first_paint:.2f} s (browser start excluded)")
     finally:
         driver.quit()
+
+
+def test_a_field_captured_from_the_microscope_camera_is_counted(monkeypatch, tmp_path):
+    """The camera beside the app; a video file of the real field stands in for it (same capture code)."""
+    import cv2
+    from edge.images import load_image
+    rgb = load_image(FIELD)
+    frame = cv2.cvtColor(cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA),
+                         cv2.COLOR_RGB2BGR)
+    video = tmp_path / "microscope.avi"
+    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (frame.shape[1], frame.shape[0]))
+    w.write(frame)
+    w.release()
+    monkeypatch.setenv("MALARIA_EDGE_CAMERA", str(video))
+    at = started()
+    at.button(key="capture").click()
+    at.run()
+    assert not at.exception and not at.error
+    n = int({m.label: m.value for m in at.metric}["Red cells counted"].split("/")[0])
+    assert 150 <= n <= 400
+    assert at.dataframe[0].value.to_dict("records")[0]["field"] == "camera-001.png"
+
+
+def test_an_unplugged_microscope_camera_is_a_message(monkeypatch):
+    monkeypatch.setenv("MALARIA_EDGE_CAMERA", "57")
+    at = started()
+    at.button(key="capture").click()
+    at.run()
+    assert not at.exception and "camera 57 could not be opened" in at.error[0].value
