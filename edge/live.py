@@ -16,6 +16,7 @@ def run_live(src: Source, clf: Classifier, opts: RunOptions) -> int:
     """Classify frames into a new session folder under opts.out. Returns the exit code: 0 on a clean end
     (video over, q, --max-frames), 1 if the camera failed or gave no frame, 130 on Ctrl-C."""
     interval, show, max_frames = opts.interval, opts.show, opts.max_frames
+    extra = [open_results(opts.output, mode=opts.output_mode)[0]] if opts.output else []  # refused before any folder
     sdir = session_dir(opts.out)
     (sdir / "frames").mkdir()
     if show and not has_gui():
@@ -23,7 +24,6 @@ def run_live(src: Source, clf: Classifier, opts: RunOptions) -> int:
         show = False
     log_path = sdir / "live_results.csv"
     writer, _ = open_results(log_path)
-    extra = [w for w in [open_results(opts.output, mode=opts.output_mode)[0] if opts.output else None] if w]
     n_ok = n_par = 0
     last_t, code = None, 0
     click.echo(f"reading {src.describe()}; results → {log_path}; Ctrl-C{' or q' if show else ''} to stop", err=True)
