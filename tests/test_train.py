@@ -52,6 +52,8 @@ def test_tiny_training_run_yields_model_and_card(tiny_model):
     t = card.metrics["test"]
     assert t["n"] > 0 and "ci95" in t and len(t["confusion_matrix"]) == 2
     assert card.training["epochs"] == 1 and card.training["seconds"] > 0
+    assert card.training["augmentation"].startswith("90° rotations and flips") and "field mode" not in \
+        card.training["augmentation"]
     m = keras.models.load_model(tiny_model, compile=False)
     p = m(np.zeros((2, 128, 128, 3), "float32")).numpy()
     assert p.shape == (2, 1) and np.all((p >= 0) & (p <= 1))

@@ -84,6 +84,13 @@ def augment_batch(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def augmentation_of(cfg: "TrainConfig") -> str:
+    """What training did to the crops, in words, for the model card."""
+    base = "90° rotations and flips; brightness and contrast ±10%, per-channel gain ±3%"
+    return base + (f"; {cfg.field_crops:.0%} of crops made to look like field mode's (mask ±1-3 px, a platelet on "
+                   "the rim, a neighbour's slice)" if cfg.field_crops else "")
+
+
 def field_crop_batch(x: np.ndarray, rng: np.random.Generator, p: float) -> np.ndarray:
     """Make a share `p` of the crops look like the ones field mode's detector cuts: the mask eroded or grown
     by a few pixels, a stained blob stuck to the rim (a platelet), or a slice of a neighbouring cell in
@@ -262,7 +269,7 @@ def train(data: Prepared, cfg: TrainConfig, out: Path) -> tuple[keras.Model, dic
         per_stage = before.get("stages", []) + per_stage
         seconds += before.get("seconds", 0)
     info = {
-        "recipe": cfg.recipe, "epochs": epoch0, "stages": per_stage, "batch": cfg.batch, "lr": cfg.lr,
+        "recipe": cfg.recipe, "epochs": epoch0, "stages": per_stage, "augmentation": augmentation_of(cfg), "batch": cfg.batch, "lr": cfg.lr,
         "seed": cfg.seed, "alpha": cfg.alpha if cfg.recipe != "cnn" else None, "init": cfg.init,
         "max_minutes": cfg.max_minutes, "train_images": int(len(tr)), "val_images": int(len(va)),
         "seconds": round(seconds, 1), "seconds_per_epoch": round(seconds / max(epoch0, 1), 1),
