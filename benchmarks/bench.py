@@ -82,7 +82,8 @@ FIELD_PHOTO = ROOT / "examples" / "field" / "IMG_20150614_124212.jpg"
 def field_speed(model: Path, photo: Path = FIELD_PHOTO, repeats: int = 5) -> dict:
     """Field mode on a real 16 MP field photo (decode, detection, classification of every cell at the
     counting point, or the card threshold): fields/s, median of `repeats` after one warm-up."""
-    from edge.field import FieldOptions, analyze, operating_point
+    from benchmarks.fields import time_field
+    from edge.field import FieldOptions, operating_point
     from edge.images import load_image
     from edge.runtime import ModelError, load_classifier
     m = load_classifier(model)
@@ -90,18 +91,8 @@ def field_speed(model: Path, photo: Path = FIELD_PHOTO, repeats: int = 5) -> dic
         thr, counts = operating_point(m, "counting")
     except ModelError:
         thr, counts = m.card.threshold, {}
-    opts = FieldOptions(thr, counts)
-    analyze(load_image(photo), photo.name, m, opts, keep_positive_crops=False)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        rgb = load_image(photo)
-        t1 = time.perf_counter()
-        res = analyze(rgb, photo.name, m, opts, keep_positive_crops=False)
-        times.append((t1 - t0, res.seconds["detect"], res.seconds["classify"], time.perf_counter() - t0, len(res.cells)))
-    a = np.median(np.array(times), axis=0)
-    return {"model": model.name, "photo": photo.name, "decode_ms": 1000 * a[0], "detect_ms": 1000 * a[1],
-            "classify_ms": 1000 * a[2], "total_ms": 1000 * a[3], "fields_per_s": 1 / a[3], "cells": int(a[4])}
+    t = time_field(lambda: load_image(photo), photo.name, m, FieldOptions(thr, counts), repeats, warmup=True)
+    return {"model": model.name, "photo": photo.name, **t}
 
 
 def bench(model_dir: Path, data_dir: Path, out_dir: Path, threads=(1, 2), runs: int = 200, budget_s: float = 15.0,

@@ -27,7 +27,7 @@ from edge.classifier import Classifier
 from edge.gradcam import overlay
 from edge.images import IMAGE_SUFFIXES, ImageError, decode_image
 from edge.infer import not_a_cell
-from edge.preprocess import resize_rgb
+from edge.report import encode
 from edge.runtime import ModelError, default_model, load_classifier, load_explainer_for, models_dirs
 
 MAX_UPLOAD_MB = 50  # also passed to Streamlit's server by `malaria-edge app`
@@ -108,7 +108,7 @@ def capture_field(spec: str, k: int) -> Capture:
     from edge.camera import Source, frames, parse_camera
     src = Source(spec, is_file=True) if Path(spec).is_file() else parse_camera(spec)
     for _, _, frame in frames(src, retries=1, retry_wait=0.5, log=lambda m: None):
-        return Capture(f"camera-{k + 1:03d}.png", cv2.imencode(".png", frame)[1].tobytes())
+        return Capture(f"camera-{k + 1:03d}.png", encode(frame, ".png"))
     raise CameraError(f"{src.describe()} gave no frame")
 
 
@@ -183,12 +183,12 @@ def cells_tab(model, explainer, lock, thr: float, evidence: str) -> None:
         z = io.BytesIO()
         with zipfile.ZipFile(z, "w") as zf:
             for k, (name, pic) in enumerate(pics):
-                zf.writestr(f"{k:03d}_{Path(name).stem}_gradcam.png", cv2.imencode(".png", pic)[1].tobytes())
+                zf.writestr(f"{k:03d}_{Path(name).stem}_gradcam.png", encode(pic, ".png"))
         b.download_button("Download overlays (zip)", z.getvalue(), "overlays.zip", "application/zip", key="dl-cells-zip")
 
 
 def fields_tab(models: dict[str, Path]) -> None:
-    from edge.field import FieldOptions, Session, analyze, operating_point
+    from edge.field import FieldOptions, Session, analyze, operating_point, positive_maps
     from edge.fieldrun import cell_rows, looks_like_one_cell
     from edge.report import data_uri, field_overlay, write_html
     from edge.results import CELL_FIELDS
@@ -230,17 +230,16 @@ def fields_tab(models: dict[str, Path]) -> None:
     overlays, gallery = [], []
     with st.spinner("Finding and classifying cells…"):
         for f in files:
-            try:
-                rgb = decode_upload(f)
-            except ImageError as e:
-                st.error(str(e))
-                continue
             key = (hashlib.sha1(f.getvalue()).hexdigest(), str(model.path), opts.threshold)
-            if key not in cache:
+            if key not in cache:  # every widget change reruns this script: decode and analyse each field once
+                try:
+                    rgb = decode_upload(f)
+                except ImageError as e:
+                    st.error(str(e))
+                    continue
                 with lock:
                     res = analyze(rgb, f.name, model, opts)
-                    heat = {i: explainer.explain(resize_rgb(c, explainer.size)[None], 1)[1][0] if explainer else None
-                            for i, c in res.crops.items()}
+                    heat = positive_maps(res, explainer)
                 cache[key] = (res, heat, field_overlay(rgb, res))
             used.add(key)
             res, heat, pic = cache[key]

@@ -18,6 +18,10 @@ class CameraError(RuntimeError):
     pass
 
 
+class CameraSetupError(CameraError):
+    """What no reconnect can fix (a missing library, an OpenCV without GStreamer): reported at once."""
+
+
 @dataclass
 class Source:
     spec: str | int
@@ -64,7 +68,7 @@ class PicameraCapture:
         try:
             from picamera2 import Picamera2
         except ImportError:
-            raise CameraError("the Pi camera needs Picamera2: sudo apt install python3-picamera2, in a venv made "
+            raise CameraSetupError("the Pi camera needs Picamera2: sudo apt install python3-picamera2, in a venv made "
                               "with --system-site-packages") from None
         self.cam = None
         try:
@@ -107,7 +111,7 @@ def open_capture(src: Source):
         cap = PicameraCapture()
     elif isinstance(src.spec, str) and "!" in src.spec:
         if not has_gstreamer():
-            raise CameraError("this OpenCV was built without GStreamer, so it cannot open a pipeline (pip wheels "
+            raise CameraSetupError("this OpenCV was built without GStreamer, so it cannot open a pipeline (pip wheels "
                               "never have it): use --camera picam for the Pi camera, or Debian's python3-opencv")
         cap = cv2.VideoCapture(src.spec, cv2.CAP_GSTREAMER)  # e.g. a libcamera pipeline on a Pi
     else:
@@ -133,9 +137,10 @@ def frames(src: Source, retries: int = 3, retry_wait: float = 1.0, log=print) ->
                 try:
                     cap = open_capture(src)
                     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
-                except CameraError as e:
-                    if src.is_file or attempt >= retries or "built without GStreamer" in str(e) \
-                            or "needs Picamera2" in str(e):
+                except CameraSetupError:
+                    raise
+                except CameraError:
+                    if src.is_file or attempt >= retries:
                         raise
                     attempt += 1
                     log(f"{src.describe()} unavailable; retry {attempt}/{retries} in {retry_wait:g} s")

@@ -153,6 +153,17 @@ def analyze(rgb: np.ndarray, path: str, model: Loaded, opts: FieldOptions, keep_
     return res
 
 
+def positive_maps(res: FieldResult, explainer: Loaded | None) -> dict[int, np.ndarray | None]:
+    """Cell index → Grad-CAM of the Parasitized class for each positive crop of a field, in one batch
+    (these are the cells called Parasitized, so the map explains the label they carry)."""
+    if not res.crops:
+        return {}
+    if explainer is None:
+        return dict.fromkeys(res.crops)
+    x = np.stack([resize_rgb(c, explainer.size) for c in res.crops.values()])
+    return dict(zip(res.crops, explainer.explain(x, 1)[1]))
+
+
 def classify_crops(crops: list[np.ndarray], model: Loaded, batch: int = 64) -> np.ndarray:
     if not crops:
         return np.zeros(0, np.float32)

@@ -9,7 +9,7 @@ import click
 import cv2
 import numpy as np
 
-from edge.field import FieldOptions, FieldResult, Session, analyze
+from edge.field import FieldOptions, FieldResult, Session, analyze, positive_maps
 from edge.card import atomic_write_bytes
 from edge.gradcam import save_png
 from edge.images import ImageError, load_image
@@ -65,9 +65,8 @@ def run_session(items: Iterable[tuple[str, np.ndarray | str]], model: Loaded, ex
                 overlays.append((name, data_uri(cv2.resize(pic, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA))))
                 if keep_frames and res.status == "ok":
                     save_png(sdir / "fields" / f"{stem}.png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-                for idx, rgb in res.crops.items():
-                    heat = explainer.explain(_model_input(rgb, explainer), 1)[1][0] if explainer is not None else None
-                    gallery.append((name, idx, res.cells[idx].prob_parasitized, rgb, heat))
+                heat = positive_maps(res, explainer)
+                gallery += [(name, i, res.cells[i].prob_parasitized, rgb, heat[i]) for i, rgb in res.crops.items()]
                 small = opts.detect.small_cell_px
                 if res.status == "ok" and res.diameter_px < small and not warned:
                     log(f"warning: cells are {res.diameter_px:.0f} px across (< {small:.0f}): the camera resolution "
@@ -91,11 +90,6 @@ def run_session(items: Iterable[tuple[str, np.ndarray | str]], model: Loaded, ex
         write_session(sdir, summary)
         write_html(sdir, summary, overlays, gallery)
     return session, sdir, code
-
-
-def _model_input(rgb: np.ndarray, m: Loaded) -> np.ndarray:
-    from edge.preprocess import resize_rgb
-    return resize_rgb(rgb, m.size)[None]
 
 
 def file_items(paths: list[Path]) -> Iterator[tuple[str, np.ndarray | str]]:

@@ -121,9 +121,7 @@ OPERATING_RULES = {"screening": ("sensitivity", 0.97), "counting": ("specificity
 def operating_point(y, p, threshold: float, rule: str = "") -> dict:
     """A threshold with the confusion counts it gives on (y, p): what a parasitemia correction needs."""
     y, p = np.asarray(y).astype(int), np.asarray(p, float)
-    pred = p >= threshold
-    tp, fn = int(np.sum(pred & (y == 1))), int(np.sum(~pred & (y == 1)))
-    tn, fp = int(np.sum(~pred & (y == 0))), int(np.sum(pred & (y == 0)))
+    (tn, fp), (fn, tp) = confusion(y, (p >= threshold).astype(int)).astype(int).tolist()
     return {"threshold": float(threshold), "rule": rule, "sensitivity": tp / max(1, tp + fn),
             "specificity": tn / max(1, tn + fp), "counts": {"tp": tp, "fn": fn, "tn": tn, "fp": fp}}
 
@@ -151,19 +149,23 @@ def parity(y, p_ref, p_new, threshold: float = 0.5) -> dict:
     }
 
 
-def ece(y, p, bins: int = 15) -> float:
-    """Expected calibration error of the predicted class's confidence, equal-width bins."""
+def reliability_bins(y, p, bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per non-empty equal-width bin of the predicted class's confidence (0.5..1): its mean confidence,
+    its accuracy and its share of the samples."""
     y, p = np.asarray(y).astype(int), np.asarray(p, float)
     pred = (p >= 0.5).astype(int)
     conf = np.where(pred == 1, p, 1 - p)
     edges = np.linspace(0.5, 1.0, bins + 1)
     idx = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            total += m.mean() * abs(np.mean(pred[m] == y[m]) - conf[m].mean())
-    return float(total)
+    used = [b for b in range(bins) if (idx == b).any()]
+    return (np.array([conf[idx == b].mean() for b in used]), np.array([np.mean(pred[idx == b] == y[idx == b]) for b in used]),
+            np.array([np.mean(idx == b) for b in used]))
+
+
+def ece(y, p, bins: int = 15) -> float:
+    """Expected calibration error of the predicted class's confidence, equal-width bins."""
+    conf, acc, share = reliability_bins(y, p, bins)
+    return float(np.sum(share * np.abs(acc - conf)))
 
 
 def fit_temperature(y, p) -> float:

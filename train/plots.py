@@ -89,18 +89,13 @@ def roc(y, p, path: Path, title: str = "", auc: float | None = None) -> Path:
 def reliability(sets: dict, path: Path, title: str = "", bins: int = 15) -> Path:
     """Reliability diagram per split: accuracy of the predicted class against its confidence, before and
     after temperature scaling. sets: name → (labels, raw P, calibrated P)."""
-    from edge.metrics import ece
+    from edge.metrics import ece, reliability_bins
     fig, axes = plt.subplots(1, len(sets), figsize=(5.2 * len(sets), 4.4), squeeze=False)
     for ax, (name, (y, raw, cal)) in zip(axes[0], sets.items()):
         ax.plot([0.5, 1], [0.5, 1], ":", color="grey", label="perfect")
         for p, style, lab in ((raw, "-o", "raw"), (cal, "-s", "temperature-scaled")):
-            pred = (p >= 0.5).astype(int)
-            conf = np.where(pred == 1, p, 1 - p)
-            edges = np.linspace(0.5, 1, bins + 1)
-            idx = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-            xs = [conf[idx == b].mean() for b in range(bins) if (idx == b).any()]
-            ys = [np.mean(pred[idx == b] == y[idx == b]) for b in range(bins) if (idx == b).any()]
-            ax.plot(xs, ys, style, markersize=4, label=f"{lab} (ECE {ece(y, p):.4f})")
+            conf, acc, _ = reliability_bins(y, p, bins)
+            ax.plot(conf, acc, style, markersize=4, label=f"{lab} (ECE {ece(y, p, bins):.4f})")
         ax.set_xlabel("confidence of the predicted class")
         ax.set_ylabel("accuracy")
         ax.set_title(f"{name} ({len(y)} images)")
