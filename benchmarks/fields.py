@@ -2,12 +2,11 @@
 parasitemia, and speed per field. Results go to benchmarks/results/fields.{md,json}.
 
 Synthetic sessions are built in two steps so that 600 sessions of 2,000 cells stay affordable on two
-cores: (1) fields composed from the test split's crops (one patient group per field) go through the
-whole pipeline — detection, crops cut by the detector, classification — and every ground-truth cell the
-detector found keeps its true label and the probability the classifier gave its re-cut crop
-(train/fieldpool.py); (2)
-each session draws 2,000 of those cells at the chosen parasitemia and is counted and corrected like a
-real one.
+cores: (1) for each true parasitemia, fields composed at it from the test split's crops (one patient
+group per field) go through the whole pipeline — detection, crops cut by the detector, classification —
+and every ground-truth cell the detector found keeps its true label and the probability the classifier
+gave its re-cut crop (train/fieldpool.py); (2) each session draws 2,000 cells from its level's pool and
+is counted and corrected like a real one.
 """
 from __future__ import annotations
 
@@ -100,14 +99,17 @@ def every_model_on_real_crops(root: Path, model_paths: list[Path], log=print) ->
     return rows
 
 
-def simulate_sessions(pool: dict, opts: FieldOptions, levels=(0.005, 0.02, 0.05), sessions: int = 200,
-                      n_cells: int = 2000, seed: int = 0) -> list[dict]:
-    y, p = pool["labels"], pool["probs"]
-    pos, neg = p[y == 1], p[y == 0]
+def simulate_sessions(pools: dict[float, dict], opts: FieldOptions, sessions: int = 200, n_cells: int = 2000,
+                      seed: int = 0) -> list[dict]:
+    """pools: true parasitemia → the field pool composed at that parasitemia. Each session draws its
+    infected and uninfected cells from its own level's pool, so an uninfected cell has as many infected
+    neighbours (whose parasites can reach into its crop) as it would in such a smear."""
     rng = np.random.default_rng(seed)
     rows = []
-    for pi in levels:
-        err, raw_err, cover, raw_cover = [], [], [], []
+    for pi, pool in pools.items():
+        y, p = pool["labels"], pool["probs"]
+        pos, neg = p[y == 1], p[y == 0]
+        err, raw_err, cover = [], [], []
         for _ in range(sessions):
             n_inf = rng.binomial(n_cells, pi)
             calls = np.concatenate([rng.choice(pos, n_inf), rng.choice(neg, n_cells - n_inf)]) >= opts.threshold
@@ -120,8 +122,17 @@ def simulate_sessions(pool: dict, opts: FieldOptions, levels=(0.005, 0.02, 0.05)
         rows.append({"parasitemia_percent": 100 * pi, "sessions": sessions, "cells": n_cells,
                      "bias_pp": float(np.mean(err)), "mae_pp": float(np.mean(np.abs(err))),
                      "binomial_floor_mae_pp": float(floor), "coverage_ci95": float(np.mean(cover)),
-                     "raw_bias_pp": float(np.mean(raw_err)), "raw_mae_pp": float(np.mean(np.abs(raw_err)))})
+                     "raw_bias_pp": float(np.mean(raw_err)), "raw_mae_pp": float(np.mean(np.abs(raw_err))),
+                     "pool": pool_summary(pool, opts.threshold)})
     return rows
+
+
+def pool_summary(pool: dict, threshold: float) -> dict:
+    y, p = pool["labels"], pool["probs"]
+    return {"fields": pool["fields"], "recall": pool["recall"], "precision": pool["precision"],
+            "cells": int(len(y)), "infected": int(y.sum()),
+            "sensitivity": float(np.mean(p[y == 1] >= threshold)) if y.any() else None,
+            "specificity": float(np.mean(p[y == 0] < threshold))}
 
 
 def speed(model, opts: FieldOptions, real_photo: Path, crops_root: Path, data_dir: Path, repeats: int = 5) -> dict:
@@ -156,7 +167,7 @@ def time_field(get, name: str, model, opts: FieldOptions, repeats: int = 5, warm
 
 
 def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, out: Path, sessions: int = 200,
-        log=print) -> dict:
+        levels=(0.005, 0.02, 0.05), fields_per_group: int = 3, log=print) -> dict:
     model = load_classifier(model_path)
     thr, counts = operating_point(model, "counting")
     opts = FieldOptions(thr, counts)
@@ -166,13 +177,9 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
     log("real fields")
     res["real"] = real_fields(fields_root, model, opts, log)
     log("synthetic fields")
-    pool = field_pool(data_dir, crops_root, model, opts, split="test", log=log)
-    res["synthetic_detection"] = {k: pool[k] for k in ("fields", "gt", "recall", "precision")}
-    y, p = pool["labels"], pool["probs"]
-    res["synthetic_pool"] = {"cells": int(len(y)), "infected": int(y.sum()),
-                             "sensitivity": float(np.mean(p[y == 1] >= thr)),
-                             "specificity": float(np.mean(p[y == 0] < thr))}
-    res["sessions"] = simulate_sessions(pool, opts, sessions=sessions)
+    pools = {pi: field_pool(data_dir, crops_root, model, opts, split="test", parasitemia=pi,
+                            fields_per_group=fields_per_group, log=log) for pi in levels}
+    res["sessions"] = simulate_sessions(pools, opts, sessions=sessions)
     log("every shipped classifier on the real fields' crops")
     from edge.runtime import models_dirs
     shipped = sorted({p.resolve() for d in models_dirs() if d.is_dir() for p in d.glob("*/*")
@@ -209,17 +216,22 @@ def markdown(r: dict) -> str:
               f"{s['raw_percent']:.2f}%, corrected **{s['parasitemia_percent']:.2f}%** "
               f"(95% interval {s['parasitemia_ci95'][0]:.2f}–{s['parasitemia_ci95'][1]:.2f}%).", "",
               "## Synthetic sessions", "",
-              f"Pool: {r['synthetic_detection']['fields']} fields from the test split's crops, detection recall "
-              f"{r['synthetic_detection']['recall']:.4f}, precision {r['synthetic_detection']['precision']:.4f}; "
-              f"{r['synthetic_pool']['cells']} re-cut cells, sensitivity {r['synthetic_pool']['sensitivity']:.4f}, "
-              f"specificity {r['synthetic_pool']['specificity']:.4f} at the threshold. The correction uses the card's "
-              f"validation counts {r['counts']}.", "",
+              "Each level has its own pool: fields composed at that parasitemia from the test split's crops "
+              "(one patient group per field), run through detection and classification; sessions draw their "
+              f"cells from it. The correction uses the card's validation counts {r['counts']}.", "",
               "| true parasitemia | sessions x cells | bias (pp) | MAE (pp) | binomial floor MAE (pp) | 95% CI coverage | raw bias (pp) | raw MAE (pp) |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in r["sessions"]:
         lines.append(f"| {x['parasitemia_percent']:.1f}% | {x['sessions']} x {x['cells']} | {x['bias_pp']:+.3f} | "
                      f"{x['mae_pp']:.3f} | {x['binomial_floor_mae_pp']:.3f} | {x['coverage_ci95']:.1%} | "
                      f"{x['raw_bias_pp']:+.3f} | {x['raw_mae_pp']:.3f} |")
+    lines += ["", "| pool at | fields | detection recall | precision | cells | infected | sensitivity | specificity |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in r["sessions"]:
+        q = x["pool"]
+        sens = f"{q['sensitivity']:.3f}" if q["sensitivity"] is not None else "–"
+        lines.append(f"| {x['parasitemia_percent']:.1f}% | {q['fields']} | {q['recall']:.4f} | {q['precision']:.4f} | "
+                     f"{q['cells']} | {q['infected']} | {sens} | {q['specificity']:.4f} |")
     if r.get("real_crops_all_models"):
         lines += ["", "## Every shipped classifier on the real fields' crops (all uninfected)", "",
                   "| model | crops | called Parasitized at the card threshold | at the counting point |",

@@ -260,14 +260,13 @@ def _regions(rgb, work, labels, n, inside, det: Detection, p: DetectParams) -> l
     green = work[..., 1].astype(np.float32)
     dark_t = det.cell_level - p.nucleus_level * (det.background_level - det.cell_level)
     dark = np.bincount(labels.ravel(), weights=(green < dark_t).ravel(), minlength=n + 1)
-    slices = _bboxes(labels, n)
+    slices, centroids = _bboxes(labels, n)
     grow = max(0, round(p.mask_dilate * det.diameter_px))
     cells = []
     for k in present:
         y0, y1, x0, x1 = slices[k]
         sub = labels[y0:y1, x0:x1] == k
-        ys, xs = np.nonzero(sub)
-        cy, cx = (ys.mean() + y0 + 0.5) / s, (xs.mean() + x0 + 0.5) / s
+        cy, cx = (centroids[k][0] + 0.5) / s, (centroids[k][1] + 0.5) / s
         status = "ok"
         if k in cut_ids and areas[k] < p.whole_at_edge * med:
             status = "cut"
@@ -290,11 +289,11 @@ def _regions(rgb, work, labels, n, inside, det: Detection, p: DetectParams) -> l
             full = cv2.dilate(full.astype(np.uint8), cv2.getStructuringElement(
                 cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)), borderType=cv2.BORDER_CONSTANT,
                 borderValue=0).astype(bool)
-        fy, fx = np.nonzero(full)
-        if len(fy) == 0:
+        bx0, by0, bw, bh = cv2.boundingRect(full.view(np.uint8))
+        if bw == 0:
             continue
-        bx0, bx1, by0, by1 = fx.min(), fx.max() + 1, fy.min(), fy.max() + 1
-        box = (X0 + int(bx0), Y0 + int(by0), int(bx1 - bx0), int(by1 - by0))
+        bx1, by1 = bx0 + bw, by0 + bh
+        box = (X0 + bx0, Y0 + by0, bw, bh)
         cs, _ = cv2.findContours(sub.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         perim = sum(cv2.arcLength(c, True) for c in cs)
         round_ = float(min(1.0, 4 * np.pi * areas[k] / perim ** 2)) if perim else 0.0
@@ -303,13 +302,12 @@ def _regions(rgb, work, labels, n, inside, det: Detection, p: DetectParams) -> l
     return cells
 
 
-def _bboxes(labels: np.ndarray, n: int) -> dict[int, tuple[int, int, int, int]]:
-    """(y0, y1, x0, x1) of each label, in one pass."""
+def _bboxes(labels: np.ndarray, n: int) -> tuple[dict[int, tuple[int, int, int, int]], dict[int, tuple[float, float]]]:
+    """(y0, y1, x0, x1) and centroid (y, x) of each label, in one pass."""
     ys, xs = np.nonzero(labels)
     ids = labels[ys, xs]
-    out = {}
     if len(ids) == 0:
-        return out
+        return {}, {}
     y0 = np.full(n + 1, 1 << 30)
     x0 = np.full(n + 1, 1 << 30)
     y1 = np.full(n + 1, -1)
@@ -318,9 +316,12 @@ def _bboxes(labels: np.ndarray, n: int) -> dict[int, tuple[int, int, int, int]]:
     np.minimum.at(x0, ids, xs)
     np.maximum.at(y1, ids, ys)
     np.maximum.at(x1, ids, xs)
-    for k in np.unique(ids):
-        out[int(k)] = (int(y0[k]), int(y1[k]) + 1, int(x0[k]), int(x1[k]) + 1)
-    return out
+    cnt = np.maximum(np.bincount(ids, minlength=n + 1), 1)
+    my = np.bincount(ids, weights=ys, minlength=n + 1) / cnt
+    mx = np.bincount(ids, weights=xs, minlength=n + 1) / cnt
+    present = np.unique(ids)
+    boxes = {int(k): (int(y0[k]), int(y1[k]) + 1, int(x0[k]), int(x1[k]) + 1) for k in present}
+    return boxes, {int(k): (float(my[k]), float(mx[k])) for k in present}
 
 
 def crop(rgb: np.ndarray, cell: Cell) -> np.ndarray:

@@ -160,6 +160,8 @@ def data_unpack(bundle, out):
 @click.option("--weights", default="none", show_default=True,
               help="MobileNetV2 start: imagenet (downloads), none (from scratch) or PATH to a .weights.h5 of the base.")
 @click.option("--alpha", default=1.0, show_default=True, help="MobileNetV2 width multiplier.")
+@click.option("--stem-stride", type=click.Choice(["1", "2"]), default="1", show_default=True,
+              help="cnn: 2 makes the first convolution stride, 4x fewer operations at the same input size.")
 @click.option("--patience", default=4, show_default=True, help="Early-stopping patience (epochs) on validation loss.")
 @click.option("--max-minutes", type=float, default=None,
               help="Time budget for all stages; training stops before an epoch would overrun it (best epoch kept).")
@@ -178,7 +180,7 @@ def data_unpack(bundle, out):
               help="Continue from this .keras (--epochs 0: only the fine-tune stage; --epochs 0 --finetune-epochs 0: "
                    "only score it, e.g. after training elsewhere).")
 @_fail_cleanly
-def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, weights, alpha, patience,
+def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, weights, alpha, stem_stride, patience,
               max_minutes, workers, mixed_precision, max_train, max_val, target_sensitivity, field_crops, init):
     """Train a recipe on the patient-grouped train split, pick the best epoch on validation,
     then report test metrics with 95% CIs and write the model card and plots."""
@@ -188,7 +190,7 @@ def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, w
     from train.report import finalize
     data = load_prepared(data_dir)
     cfg = TrainConfig(recipe=recipe, epochs=epochs, finetune_epochs=finetune_epochs, batch=batch, lr=lr, seed=seed,
-                      weights=weights, alpha=alpha, patience=patience, max_minutes=max_minutes, workers=workers,
+                      weights=weights, alpha=alpha, stem_stride=int(stem_stride), patience=patience, max_minutes=max_minutes, workers=workers,
                       mixed_precision=mixed_precision,
                       max_train=max_train, max_val=max_val, field_crops=field_crops, init=str(init) if init else None,
                       verbose=1 if sys.stdout.isatty() else 2)

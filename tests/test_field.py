@@ -97,6 +97,34 @@ def test_synthetic_field_truth_points_lie_on_their_cells(crops_by_group):
     assert len(on_cell) > 15 and all(on_cell)
 
 
+def test_synthetic_overlap_multiplies_transmittance_so_a_covered_parasite_stays_visible():
+    from train.synthetic import _paste
+    light = (200.0, 180.0, 210.0)
+    canvas = np.tile(np.float32(light), (60, 60, 1))
+    lower = np.tile(np.float32([150, 120, 170]), (30, 30, 1))
+    lower[14:17, 20:23] = (90, 40, 110)  # the parasite, where the upper cell will cover it
+    upper = np.tile(np.float32([160, 140, 180]), (30, 30, 1))
+    full = np.ones((30, 30), bool)
+    assert _paste(canvas, lower, full, 20, 30, light) and _paste(canvas, upper, full, 40, 30, light)
+    overlap, parasite = canvas[30, 30], canvas[30, 26]
+    expected = np.float32(light) * (lower[15, 15] / light) * (upper[15, 15] / light)
+    assert np.allclose(overlap, expected, atol=1)  # darker than either cell alone
+    assert (parasite < overlap - 20).all()
+
+
+def test_synthetic_platelets_lie_in_the_gaps_and_leave_the_cells_unchanged(crops_by_group):
+    pos, neg = crops_by_group
+    kw = dict(width=1200, height=900, n_cells=60, seed=4, jpeg_quality=None, noise=0)
+    bare = make_field(pos, neg, SynthParams(platelets=0, **kw))
+    f = make_field(pos, neg, SynthParams(platelets=60, **kw))
+    assert [(t.x, t.y) for t in f.truth] == [(t.x, t.y) for t in bare.truth]
+    changed = np.abs(f.rgb.astype(int) - bare.rgb).max(axis=2) > 10
+    assert changed.sum() > 500
+    ys, xs = np.nonzero(changed)
+    for t in f.truth:  # no platelet inside a cell's inner disc
+        assert not ((xs - t.x) ** 2 + (ys - t.y) ** 2 < (0.8 * t.r) ** 2).any()
+
+
 def test_estimator_corrects_with_rogan_gladen():
     e = estimate(100, 1000, {"tp": 90, "fn": 10, "tn": 95, "fp": 5})
     assert e.parasitemia_percent == pytest.approx(100 * (0.1 + 0.95 - 1) / (0.9 + 0.95 - 1))

@@ -22,6 +22,16 @@ def test_recipe_is_flat_with_named_gradcam_layer(recipe):
     assert m.get_layer("prob").output.shape == (None, 1)
 
 
+def test_cnn_stride_two_stem_sees_the_full_crop_and_runs_later_layers_at_a_quarter_of_the_pixels():
+    plain, s2 = build_cnn(96), build_cnn(96, stem_stride=2)
+    assert plain.input_shape == s2.input_shape == (None, 96, 96, 3)
+    for name in ("conv2", "last_conv"):
+        h1, w1 = plain.get_layer(name).output.shape[1:3]
+        h2, w2 = s2.get_layer(name).output.shape[1:3]
+        assert (h2, w2) == (h1 // 2, w1 // 2)
+    assert s2.count_params() < plain.count_params()  # the flattened head shrinks too
+
+
 def test_imagenet_weights_offline_is_one_clear_line(monkeypatch):
     import keras.src.applications.mobilenet_v2 as mv
 

@@ -81,8 +81,10 @@ def _background(h: int, w: int, colour, rng) -> np.ndarray:
     return np.clip(base + 3 * low, 0, 255)
 
 
-def _paste(canvas: np.ndarray, img: np.ndarray, mask: np.ndarray, cx: float, cy: float) -> bool:
-    """Paste img (where mask) centred at (cx, cy), feathering the rim; False if it falls outside."""
+def _paste(canvas: np.ndarray, img: np.ndarray, mask: np.ndarray, cx: float, cy: float, light) -> bool:
+    """Lay img (where mask) centred at (cx, cy), feathering the rim; False if it falls outside.
+    Stained cells absorb light: img / light is its transmittance, and overlapping cells multiply theirs
+    (Beer–Lambert), so an overlap is darker and a parasite under another cell stays visible."""
     h, w = mask.shape
     x0, y0 = int(round(cx - w / 2)), int(round(cy - h / 2))
     H, W = canvas.shape[:2]
@@ -90,7 +92,8 @@ def _paste(canvas: np.ndarray, img: np.ndarray, mask: np.ndarray, cx: float, cy:
         return False
     a = cv2.GaussianBlur(mask.astype(np.float32), (3, 3), 0.8)[..., None]
     region = canvas[y0:y0 + h, x0:x0 + w]
-    region[:] = region * (1 - a) + img.astype(np.float32) * a
+    t = np.clip(img.astype(np.float32) / np.maximum(np.asarray(light, np.float32), 1), 0, 1.1)
+    region *= 1 - a + a * t
     return True
 
 
@@ -128,7 +131,8 @@ def make_field(pos_crops: list, neg_crops: list, p: SynthParams = SynthParams())
     """pos_crops/neg_crops: lists of (name, RGB crop) to draw from (with replacement)."""
     rng = np.random.default_rng(p.seed)
     H, W = p.height, p.width
-    canvas = _background(H, W, p.background or smear_colour(neg_crops or pos_crops), rng)
+    light = p.background or smear_colour(neg_crops or pos_crops)  # the slide's colour where nothing absorbs
+    canvas = _background(H, W, light, rng)
     placed: list[tuple[float, float, float]] = []
     truth: list[Truth] = []
     n_pos = int(rng.binomial(p.n_cells, p.parasitemia))
@@ -136,11 +140,6 @@ def make_field(pos_crops: list, neg_crops: list, p: SynthParams = SynthParams())
     rng.shuffle(labels)
     d_typ = float(np.median([max(c.shape[:2]) for _, c in (neg_crops[:50] or pos_crops[:50])]))
     items = [("White_Blood_Cell", None)] * p.wbc + [(lab, None) for lab in labels]
-    # platelets first, so the cells pasted after cover them: they stay in the gaps, as in a thin smear's
-    # monolayer (a platelet pasted over a cell's middle makes a purple dot no annotator would call)
-    for _ in range(p.platelets):
-        img, mask = _platelets(d_typ, rng)
-        _paste(canvas, img, mask, rng.uniform(20, W - 20), rng.uniform(20, H - 20))
     for lab, _ in items:
         if lab == "White_Blood_Cell":
             img, mask, name = *_wbc(d_typ, rng), "synthetic white cell"
@@ -158,12 +157,23 @@ def make_field(pos_crops: list, neg_crops: list, p: SynthParams = SynthParams())
             if all((cx - x) ** 2 + (cy - y) ** 2 >= (f * (r + rr)) ** 2 for x, y, rr in placed):
                 ys, xs = np.nonzero(mask)
                 # the truth point is the centroid of the mask, which the paste centres on its box
-                if _paste(canvas, img, mask, cx, cy):
+                if _paste(canvas, img, mask, cx, cy, light):
                     h, w = mask.shape
                     gx = round(cx - w / 2) + xs.mean() + 0.5
                     gy = round(cy - h / 2) + ys.mean() + 0.5
                     placed.append((cx, cy, r))
                     truth.append(Truth(float(gx), float(gy), r, lab, name))
+                break
+    # platelets in the gaps, as in a thin smear's monolayer, some touching a cell's rim (one lying on a
+    # cell's middle is a purple dot no annotator would call, so none is put there)
+    prng = np.random.default_rng([p.seed, 1])  # its own stream: the same seed lays the same cells
+    for _ in range(p.platelets):
+        img, mask = _platelets(d_typ, prng)
+        half = mask.shape[0] / 2
+        for _ in range(40):
+            cx, cy = prng.uniform(half, W - half), prng.uniform(half, H - half)
+            if all((cx - x) ** 2 + (cy - y) ** 2 >= (rr + half) ** 2 for x, y, rr in placed):
+                _paste(canvas, img, mask, cx, cy, light)
                 break
     if p.blur > 0:
         canvas = cv2.GaussianBlur(canvas, (0, 0), p.blur)
