@@ -162,6 +162,7 @@ def data_unpack(bundle, out):
 @click.option("--alpha", default=1.0, show_default=True, help="MobileNetV2 width multiplier.")
 @click.option("--stem-stride", type=click.Choice(["1", "2"]), default="1", show_default=True,
               help="cnn: 2 makes the first convolution stride, 4x fewer operations at the same input size.")
+@click.option("--batchnorm", is_flag=True, help="cnn: BatchNorm after every convolution (folded away at export).")
 @click.option("--patience", default=4, show_default=True, help="Early-stopping patience (epochs) on validation loss.")
 @click.option("--max-minutes", type=float, default=None,
               help="Time budget for all stages; training stops before an epoch would overrun it (best epoch kept).")
@@ -176,12 +177,15 @@ def data_unpack(bundle, out):
 @click.option("--field-crops", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Share of training crops made to look like field mode's (mask a few px off, a platelet stuck "
                    "to the rim, a slice of a neighbour).")
+@click.option("--exclude", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="CSV with a relpath column (e.g. label-issues' issues.csv): training images to leave out. "
+                   "Validation and test images cannot be left out.")
 @click.option("--init", type=click.Path(path_type=Path, exists=True), default=None,
               help="Continue from this .keras (--epochs 0: only the fine-tune stage; --epochs 0 --finetune-epochs 0: "
                    "only score it, e.g. after training elsewhere).")
 @_fail_cleanly
-def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, weights, alpha, stem_stride, patience,
-              max_minutes, workers, mixed_precision, max_train, max_val, target_sensitivity, field_crops, init):
+def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, weights, alpha, stem_stride, batchnorm,
+              patience, max_minutes, workers, mixed_precision, max_train, max_val, target_sensitivity, field_crops, exclude, init):
     """Train a recipe on the patient-grouped train split, pick the best epoch on validation,
     then report test metrics with 95% CIs and write the model card and plots."""
     from train.data import load_prepared
@@ -190,9 +194,11 @@ def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, w
     from train.report import finalize
     data = load_prepared(data_dir)
     cfg = TrainConfig(recipe=recipe, epochs=epochs, finetune_epochs=finetune_epochs, batch=batch, lr=lr, seed=seed,
-                      weights=weights, alpha=alpha, stem_stride=int(stem_stride), patience=patience, max_minutes=max_minutes, workers=workers,
+                      weights=weights, alpha=alpha, stem_stride=int(stem_stride),
+                      batchnorm=batchnorm, patience=patience, max_minutes=max_minutes, workers=workers,
                       mixed_precision=mixed_precision,
                       max_train=max_train, max_val=max_val, field_crops=field_crops, init=str(init) if init else None,
+                      exclude=str(exclude) if exclude else None,
                       verbose=1 if sys.stdout.isatty() else 2)
     try:
         model, info = train(data, cfg, out)
@@ -207,6 +213,35 @@ def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, w
 
 def _ci(m, k):
     return f"[{m['ci95'][k][0]:.4f}, {m['ci95'][k][1]:.4f}]" if "ci95" in m else ""
+
+
+@main.command("label-issues")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=Path("data/prepared"), show_default=True,
+              help="Output of `malaria-edge data prepare` (a 64 px cache makes the folds 4x cheaper).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder: oof.csv, issues.csv, issues.png, summary.json, one model per fold.")
+@click.option("--folds", type=click.IntRange(2, 10), default=3, show_default=True, help="Folds by patient.")
+@click.option("--epochs", default=12, show_default=True, help="Epochs per fold (custom CNN).")
+@click.option("--patience", default=4, show_default=True, help="Early-stopping patience on validation loss.")
+@click.option("--seed", default=0, show_default=True)
+@_fail_cleanly
+def label_issues_cmd(data_dir, out, folds, epochs, patience, seed):
+    """Likely label errors in the training split: out-of-fold predictions of the custom CNN, flagged
+    by confident learning (cleanlab). Look at issues.png, then `train --exclude OUT/issues.csv` to
+    measure on validation whether leaving them out helps."""
+    from train.data import load_prepared
+    from train.labelnoise import run
+    from train.train import TrainConfig
+    try:
+        import cleanlab  # noqa: F401
+    except ImportError:
+        raise click.ClickException("label-issues needs cleanlab: pip install -e '.[train]'") from None
+    data = load_prepared(data_dir)
+    cfg = TrainConfig(recipe="cnn", epochs=epochs, patience=patience, seed=seed, verbose=2)
+    s = run(data, cfg, folds, out, log=click.echo)
+    click.echo(f"{s['issues']} likely label errors in {s['train_images']} training images "
+               f"({s['issues_labelled_uninfected']} labelled Uninfected, {s['issues_labelled_parasitized']} labelled "
+               f"Parasitized; out-of-fold accuracy {s['oof_accuracy']:.4f}) -> {out}/issues.csv, {out}/issues.png")
 
 
 @main.command("evaluate")
@@ -367,6 +402,22 @@ def bench_cmd(model_dirs, data_dir, out, threads, runs, budget_s, max_images, e2
         res = bench(d, data_dir, out, tuple(int(t) for t in threads.split(",")), runs, budget_s, max_images,
                     e2e_images, log=click.echo)
         click.echo(markdown(res))
+
+
+@main.command("bench-front")
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--threads", default=2, show_default=True, help="Threads per int8 inference.")
+@click.option("--rounds", type=click.IntRange(1, 50), default=5, show_default=True,
+              help="Latency: the candidates take turns this many times; the median p50 counts.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)
+@_fail_cleanly
+def bench_front_cmd(folders, threads, rounds, out):
+    """Accuracy-latency front: each FOLDER (a train run or model folder with its .keras, card and int8
+    TFLite export) gets its validation and test accuracy/AUC beside its int8 p50, measured in one run;
+    the first folder is the baseline of the speed ratio."""
+    from benchmarks.front import run
+    run(list(folders), out, threads, rounds, log=click.echo)
+    click.echo(f"-> {out}/front.md, front.png")
 
 
 @main.command("bench-fields")

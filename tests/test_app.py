@@ -42,7 +42,9 @@ def test_research_note_and_the_installed_models_are_shown():
     assert "not a diagnosis" in at.warning[0].value
     options = at.selectbox(key="model").options
     assert {"cnn · tflite · int8", "mobilenetv2 · onnx · fp32"} <= set(options)
-    assert at.selectbox(key="model").value == "cnn · tflite · int8"  # the shipped default
+    folder, file = (ROOT / "models" / "default.txt").read_text().strip().split("/")  # e.g. cnn_s2/cnn_s2_int8.tflite
+    variant = file.rsplit(".", 1)[0].rsplit("_", 1)[1]
+    assert at.selectbox(key="model").value == f"{folder} · tflite · {variant}"  # the shipped default
 
 
 def test_uploading_cells_shows_label_confidence_and_overlay():

@@ -62,3 +62,21 @@ def test_tta_views_are_the_eight_rotations_and_flips_of_each_cell():
     assert len({v.tobytes() for v in views}) == 8  # all distinct on a random image
     assert np.array_equal(views[0], x) and np.array_equal(views[2], np.rot90(x, 1, axes=(1, 2)))
     assert all(np.array_equal(np.sort(v[i].ravel()), np.sort(x[i].ravel())) for v in views for i in range(2))
+
+
+def test_front_reports_each_candidate_card_metrics_beside_its_measured_int8_latency(tiny_model, exported, tmp_path):
+    from benchmarks.front import run
+    cand = tmp_path / "cand"
+    cand.mkdir()
+    for f in (tiny_model, tiny_model.with_name(tiny_model.name + ".card.json")):
+        shutil.copy(f, cand / f.name)
+    (cand / "export").symlink_to(exported)
+    res = run([cand, cand], tmp_path / "out", threads=1, rounds=2, log=lambda *_: None)
+    card = json.loads((cand / (tiny_model.name + ".card.json")).read_text())
+    a, b = res["rows"]
+    assert a["val_accuracy"] == card["metrics"]["val"]["accuracy"] and a["test_auc"] == card["metrics"]["test"]["auc"]
+    assert a["int8_p50_ms"] > 0 and a["p50_vs_first"] == 1.0
+    assert b["p50_vs_first"] == pytest.approx(b["int8_p50_ms"] / a["int8_p50_ms"])
+    assert a["int8_kb"] == pytest.approx((exported / "tiny_int8.tflite").stat().st_size / 1024)
+    md = (tmp_path / "out" / "front.md").read_text()
+    assert md.count(f"| `{cand}` |") == 2 and (tmp_path / "out" / "front.png").stat().st_size > 10_000

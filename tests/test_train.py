@@ -1,4 +1,5 @@
 """Recipes build flat with an addressable Grad-CAM layer; a tiny real run yields a model and card that load."""
+import csv
 import json
 
 import cv2
@@ -30,6 +31,14 @@ def test_cnn_stride_two_stem_sees_the_full_crop_and_runs_later_layers_at_a_quart
         h2, w2 = s2.get_layer(name).output.shape[1:3]
         assert (h2, w2) == (h1 // 2, w1 // 2)
     assert s2.count_params() < plain.count_params()  # the flattened head shrinks too
+
+
+def test_cnn_batchnorm_keeps_the_gradcam_layer_and_adds_one_norm_per_convolution():
+    m = build_cnn(64, batchnorm=True)
+    bns = [l for l in m.layers if isinstance(l, keras.layers.BatchNormalization)]
+    convs = [l for l in m.layers if isinstance(l, keras.layers.Conv2D)]
+    assert len(bns) == len(convs) == 4 and all(b.momentum == 0.9 for b in bns)
+    assert m.get_layer("last_conv").output.shape[1:] == (8, 8, 128)
 
 
 def test_imagenet_weights_offline_is_one_clear_line(monkeypatch):
@@ -221,3 +230,56 @@ def test_field_crop_augmentation_changes_only_the_asked_share_and_keeps_the_cell
         core = cv2.erode((a.max(axis=2) > 12).astype(np.uint8), np.ones((3, 3), np.uint8), iterations=12).astype(bool)
         assert np.array_equal(a[core], b[core])
     assert np.array_equal(field_crop_batch(x, np.random.default_rng(0), 0.0), x)
+
+
+def test_label_issues_flag_the_labels_the_probabilities_contradict():
+    from train.labelnoise import find_issues
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(200, int), np.ones(200, int)]
+    probs = np.clip(np.where(labels == 1, 0.9, 0.1) + rng.normal(0, 0.05, 400), 0.01, 0.99)
+    probs[[5, 250]] = [0.98, 0.02]  # a "healthy" cell the models call infected, and the other way round
+    flagged = find_issues(labels, probs)
+    assert set(flagged.tolist()) == {5, 250}
+
+
+def test_label_issues_cli_writes_out_of_fold_probabilities_for_every_training_image(prepared, tmp_path):
+    from click.testing import CliRunner
+
+    from malaria_edge.cli import main
+    from train.data import load_prepared
+    out = tmp_path / "issues"
+    r = CliRunner().invoke(main, ["label-issues", "--data", str(prepared), "--out", str(out), "--folds", "2",
+                                  "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    d = load_prepared(prepared)
+    rows = list(csv.DictReader(open(out / "oof.csv")))
+    assert sorted(x["relpath"] for x in rows) == sorted(d.relpaths[i] for i in d.indices("train"))
+    assert all(0 <= float(x["p_parasitized_oof"]) <= 1 for x in rows)
+    flagged = list(csv.DictReader(open(out / "issues.csv")))
+    assert len(flagged) == sum(int(x["issue"]) for x in rows) == json.loads((out / "summary.json").read_text())["issues"]
+    sides = [list(csv.DictReader(open(out / f"issues_labelled_{n}.csv"))) for n in ("parasitized", "uninfected")]
+    assert [len(x) for x in sides] == [sum(x["label"] == y for x in flagged) for y in ("1", "0")]
+    # each fold's model stopped on validation and trained on the other fold's patients only
+    infos = [json.loads((out / "folds" / f"fold{k}" / "train_info.json").read_text()) for k in (1, 2)]
+    assert sum(i["train_images"] for i in infos) == len(rows)
+
+
+def test_train_exclude_leaves_out_listed_training_images_and_refuses_validation_ones(prepared, tmp_path):
+    from click.testing import CliRunner
+
+    from malaria_edge.cli import main
+    from train.data import load_prepared
+    d = load_prepared(prepared)
+    tr, va = d.indices("train"), d.indices("val")
+    ok = tmp_path / "ok.csv"
+    ok.write_text("relpath\n" + "\n".join(d.relpaths[i] for i in tr[:3]) + "\n")
+    r = CliRunner().invoke(main, ["train", "--data", str(prepared), "--out", str(tmp_path / "run"), "--epochs", "1",
+                                  "--exclude", str(ok)])
+    assert r.exit_code == 0, r.output
+    info = json.loads((tmp_path / "run" / "train_info.json").read_text())
+    assert info["train_images"] == len(tr) - 3 and info["excluded"]["images"] == 3
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"relpath\n{d.relpaths[va[0]]}\n")
+    r = CliRunner().invoke(main, ["train", "--data", str(prepared), "--out", str(tmp_path / "run2"), "--epochs", "1",
+                                  "--exclude", str(bad)])
+    assert r.exit_code == 1 and "validation or test" in r.output and "Traceback" not in r.output

@@ -17,18 +17,27 @@ class WeightsError(RuntimeError):
     """ImageNet weights unreachable or a weights file that does not fit."""
 
 
-def build_cnn(size: int = 128, filters=(16, 32, 64, 128), dropout: float = 0.5, stem_stride: int = 1) -> keras.Model:
+def build_cnn(size: int = 128, filters=(16, 32, 64, 128), dropout: float = 0.5, stem_stride: int = 1,
+              batchnorm: bool = False) -> keras.Model:
     """Custom CNN: Conv → MaxPool → Dropout blocks → Dense → sigmoid.
 
     stem_stride 2: the first convolution strides, so every later layer runs on a quarter of the pixels
     (4× fewer operations) while the first one still sees the full-resolution crop — a learned
-    downsampling, where a smaller input would blur a ring-stage parasite away before any filter sees it."""
+    downsampling, where a smaller input would blur a ring-stage parasite away before any filter sees it.
+    batchnorm: Conv → BatchNorm (momentum 0.9, so its statistics keep up in short runs) → ReLU; the
+    converter folds BatchNorm into the convolution, so it costs nothing at inference."""
     inp = keras.Input((size, size, 3), name="image")
     x = layers.Rescaling(1 / 255.0, name="rescale")(inp)
     for i, f in enumerate(filters):
         last = i == len(filters) - 1
-        x = layers.Conv2D(f, 3, strides=stem_stride if i == 0 else 1, padding="same", activation="relu",
-                          name="last_conv" if last else f"conv{i + 1}")(x)
+        name = "last_conv" if last else f"conv{i + 1}"
+        stride = stem_stride if i == 0 else 1
+        if batchnorm:
+            x = layers.Conv2D(f, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
+            x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+            x = layers.ReLU(name=name)(x)
+        else:
+            x = layers.Conv2D(f, 3, strides=stride, padding="same", activation="relu", name=name)(x)
         x = layers.MaxPooling2D(name=f"pool{i + 1}")(x)
         x = layers.Dropout(0.1 * (i + 1) / 2, name=f"drop{i + 1}")(x)
     x = layers.Flatten(name="flatten")(x)

@@ -157,6 +157,7 @@ class TrainConfig:
     weights: str = "none"
     alpha: float = 1.0
     stem_stride: int = 1  # cnn: 2 makes the first convolution stride (4x fewer operations)
+    batchnorm: bool = False  # cnn: BatchNorm after every convolution
     patience: int = 4
     max_minutes: float | None = None  # time budget for all stages; each stops before overrunning its share
     workers: int = 1  # threads preparing batches
@@ -164,13 +165,14 @@ class TrainConfig:
     max_train: int | None = None  # cap on training images (tiny runs, tests)
     max_val: int | None = None  # cap on validation images (its own flag: capping train never caps validation)
     field_crops: float = 0.0  # share of training crops made to look like field mode's crops (field_crop_batch)
+    exclude: str | None = None  # CSV (relpath column) of training images to leave out (train/labelnoise.py)
     init: str | None = None  # continue from this .keras (e.g. only the fine-tune stage, with epochs=0)
     verbose: int = 1
 
 
 def build(cfg: TrainConfig, size: int) -> keras.Model:
     if cfg.recipe == "cnn":
-        return build_cnn(size, stem_stride=cfg.stem_stride)
+        return build_cnn(size, stem_stride=cfg.stem_stride, batchnorm=cfg.batchnorm)
     return build_mobilenetv2(size, weights=cfg.weights, alpha=cfg.alpha)
 
 
@@ -187,6 +189,12 @@ def train(data: Prepared, cfg: TrainConfig, out: Path) -> tuple[keras.Model, dic
         keras.mixed_precision.set_global_policy("mixed_float16")
     size = data.images.shape[1]
     tr, va = data.indices("train"), data.indices("val")
+    excluded = 0
+    if cfg.exclude:
+        from train.labelnoise import read_exclusions
+        drop = read_exclusions(Path(cfg.exclude), data)
+        tr, excluded = np.setdiff1d(tr, drop), len(drop)
+        print(f"train: {excluded} images left out ({cfg.exclude})", flush=True)
     rng = np.random.default_rng(cfg.seed)
     for name, cap in (("train", cfg.max_train), ("validation", cfg.max_val)):
         idx = tr if name == "train" else va
@@ -272,8 +280,10 @@ def train(data: Prepared, cfg: TrainConfig, out: Path) -> tuple[keras.Model, dic
     info = {
         "recipe": cfg.recipe, "epochs": epoch0, "stages": per_stage, "augmentation": augmentation_of(cfg), "batch": cfg.batch, "lr": cfg.lr,
         "seed": cfg.seed, "alpha": cfg.alpha if cfg.recipe != "cnn" else None,
-        "stem_stride": cfg.stem_stride if cfg.recipe == "cnn" else None, "init": cfg.init,
-        "max_minutes": cfg.max_minutes, "train_images": int(len(tr)), "val_images": int(len(va)),
+        "stem_stride": cfg.stem_stride if cfg.recipe == "cnn" else None,
+        "batchnorm": cfg.batchnorm if cfg.recipe == "cnn" else None, "init": cfg.init,
+        "max_minutes": cfg.max_minutes, "train_images": int(len(tr)),
+        "excluded": {"file": cfg.exclude, "images": excluded} if cfg.exclude else None, "val_images": int(len(va)),
         "seconds": round(seconds, 1), "seconds_per_epoch": round(seconds / max(epoch0, 1), 1),
         "machine": {**machine_info(), "accelerator": where["device"]}, "keras": keras.__version__,
         "backend": keras.backend.backend(),
