@@ -146,6 +146,15 @@ def data_unpack(bundle, out):
     click.echo(f"{info['images']} images ({', '.join(info['splits'])}, {info['encoding']}) → {out}")
 
 
+def _switches(ctx, param, value):
+    from train.augment import parse
+    try:
+        parse(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 @main.command("train")
 @click.option("--recipe", type=click.Choice(["cnn", "mobilenetv2-frozen", "mobilenetv2-finetune"]), default="cnn",
               show_default=True, help="Custom CNN, MobileNetV2 with a frozen base, or MobileNetV2 fine-tuned.")
@@ -177,6 +186,9 @@ def data_unpack(bundle, out):
 @click.option("--field-crops", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Share of training crops made to look like field mode's (mask a few px off, a platelet stuck "
                    "to the rim, a slice of a neighbour).")
+@click.option("--augment", default=None, metavar="SWITCHES", callback=_switches,
+              help="Extra augmentation, comma-separated: stain (colour jitter, gamma), blur (defocus), noise, "
+                   "scale (a cell seen with 40-128 px); each measured on validation before it is kept.")
 @click.option("--exclude", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="CSV with a relpath column (e.g. label-issues' issues.csv): training images to leave out. "
                    "Validation and test images cannot be left out.")
@@ -185,7 +197,7 @@ def data_unpack(bundle, out):
                    "only score it, e.g. after training elsewhere).")
 @_fail_cleanly
 def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, weights, alpha, stem_stride, batchnorm,
-              patience, max_minutes, workers, mixed_precision, max_train, max_val, target_sensitivity, field_crops, exclude, init):
+              patience, max_minutes, workers, mixed_precision, max_train, max_val, target_sensitivity, field_crops, augment, exclude, init):
     """Train a recipe on the patient-grouped train split, pick the best epoch on validation,
     then report test metrics with 95% CIs and write the model card and plots."""
     from train.data import load_prepared
@@ -198,7 +210,7 @@ def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, w
                       batchnorm=batchnorm, patience=patience, max_minutes=max_minutes, workers=workers,
                       mixed_precision=mixed_precision,
                       max_train=max_train, max_val=max_val, field_crops=field_crops, init=str(init) if init else None,
-                      exclude=str(exclude) if exclude else None,
+                      exclude=str(exclude) if exclude else None, augment=augment,
                       verbose=1 if sys.stdout.isatty() else 2)
     try:
         model, info = train(data, cfg, out)

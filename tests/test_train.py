@@ -283,3 +283,36 @@ def test_train_exclude_leaves_out_listed_training_images_and_refuses_validation_
     r = CliRunner().invoke(main, ["train", "--data", str(prepared), "--out", str(tmp_path / "run2"), "--epochs", "1",
                                   "--exclude", str(bad)])
     assert r.exit_code == 1 and "validation or test" in r.output and "Traceback" not in r.output
+
+
+def test_augmentation_switches_keep_shape_range_and_the_black_background(prepared):
+    from train.augment import Augmenter
+    from train.data import load_prepared
+    x = np.asarray(load_prepared(prepared).images[:8]).astype(np.float32)
+    background = x.max(axis=3) == 0
+    for names in [("stain",), ("blur",), ("noise",), ("scale",), ("stain", "blur", "noise", "scale")]:
+        out = Augmenter(names, seed=1)(x, np.random.default_rng(0))
+        assert out.shape == x.shape and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 255
+        assert np.abs(out - x).mean() > 0.5, names  # each switch does something
+        if names == ("stain",):
+            assert out[background].max() == 0  # colour and gamma leave the masked-out background black
+
+
+def test_scale_augmentation_removes_fine_detail_as_a_coarser_camera_would(prepared):
+    from train.augment import Augmenter
+    from train.data import load_prepared
+    x = np.asarray(load_prepared(prepared).images[:8]).astype(np.float32)
+    inside = [cv2.erode((im.max(axis=2) > 20).astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool) for im in x]
+
+    def detail(batch):  # fine structure inside the cells (a parasite's edges), not the cell's outline
+        return np.mean([np.abs(cv2.Laplacian(im.mean(axis=2), cv2.CV_32F))[m].mean() for im, m in zip(batch, inside)])
+    out = Augmenter(("scale",), seed=1)(x, np.random.default_rng(23))  # this generator draws a 43 px cell
+    assert detail(out) < 0.8 * detail(x)
+
+
+def test_unknown_augmentation_is_a_one_line_error():
+    from click.testing import CliRunner
+
+    from malaria_edge.cli import main
+    r = CliRunner().invoke(main, ["train", "--out", "/tmp/never", "--augment", "stain,sharpen"])
+    assert r.exit_code == 2 and "unknown augmentation 'sharpen'" in r.output and "Traceback" not in r.output

@@ -29,10 +29,14 @@ class CellBatches(keras.utils.PyDataset):
     """
 
     def __init__(self, images, labels, idx, batch: int, augment: bool, seed: int = 0, field_crops: float = 0.0,
-                 **kw):
+                 switches: tuple[str, ...] = (), **kw):
         super().__init__(**kw)
         self.images, self.labels, self.idx = images, labels, np.asarray(idx)
         self.batch, self.augment, self.field_crops = batch, augment, field_crops
+        self.extra = None
+        if augment and switches:
+            from train.augment import Augmenter
+            self.extra = Augmenter(switches, seed)
         self.rng = np.random.default_rng(seed)
         self.order = self.idx.copy()
         if augment:
@@ -50,7 +54,8 @@ class CellBatches(keras.utils.PyDataset):
             rng = np.random.default_rng((self.rng.integers(2**32), i))
             if self.field_crops:
                 x = field_crop_batch(x, rng, self.field_crops)
-            return augment_batch(x, rng), y
+            x = augment_batch(x, rng)
+            return (self.extra(x, rng) if self.extra else x), y
         return x.astype(np.float32), y
 
     def on_epoch_end(self):
@@ -86,7 +91,10 @@ def augment_batch(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def augmentation_of(cfg: "TrainConfig") -> str:
     """What training did to the crops, in words, for the model card."""
+    from train.augment import describe, parse
     base = "90° rotations and flips; brightness and contrast ±10%, per-channel gain ±3%"
+    extra = parse(cfg.augment)
+    base += f"; {describe(extra)}" if extra else ""
     return base + (f"; {cfg.field_crops:.0%} of crops made to look like field mode's (mask ±1-3 px, a platelet on "
                    "the rim, a neighbour's slice)" if cfg.field_crops else "")
 
@@ -165,6 +173,7 @@ class TrainConfig:
     max_train: int | None = None  # cap on training images (tiny runs, tests)
     max_val: int | None = None  # cap on validation images (its own flag: capping train never caps validation)
     field_crops: float = 0.0  # share of training crops made to look like field mode's crops (field_crop_batch)
+    augment: str | None = None  # comma-separated switches of train/augment.py (stain, blur, noise, scale)
     exclude: str | None = None  # CSV (relpath column) of training images to leave out (train/labelnoise.py)
     init: str | None = None  # continue from this .keras (e.g. only the fine-tune stage, with epochs=0)
     verbose: int = 1
@@ -204,8 +213,9 @@ def train(data: Prepared, cfg: TrainConfig, out: Path) -> tuple[keras.Model, dic
             idx = np.sort(rng.choice(idx, cap, replace=False))
             tr, va = (idx, va) if name == "train" else (tr, idx)
     par = dict(workers=cfg.workers, use_multiprocessing=False) if cfg.workers > 1 else {}
+    from train.augment import parse
     train_ds = CellBatches(data.images, data.labels, tr, cfg.batch, augment=True, seed=cfg.seed,
-                           field_crops=cfg.field_crops, **par)
+                           field_crops=cfg.field_crops, switches=parse(cfg.augment), **par)
     val_ds = CellBatches(data.images, data.labels, va, 128, augment=False, **par)
     model = keras.models.load_model(cfg.init, compile=False) if cfg.init else build(cfg, size)
     base_names = base_layer_names(model)
