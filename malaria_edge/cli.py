@@ -294,30 +294,30 @@ def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitiv
         card = None
     if threshold is None:
         threshold = card.threshold if card else 0.5
-    if calibrate:
-        from train.evaluate import fit_calibration
-        t, cal = fit_calibration(model_path, data_dir, plots)
-        click.echo(f"temperature {t:.4f} (fitted on the validation split); ECE validation {cal['val_ece_before']:.4f} "
-                   f"→ {cal['val_ece_after']:.4f}" + (f", test {cal['test_ece_before']:.4f} → {cal['test_ece_after']:.4f}"
-                                                      if "test_ece_after" in cal else ""))
+    if calibrate or operating_points:
+        from train.evaluate import fit_calibration, set_operating_points, val_test_probs
+        sets = val_test_probs(model_path, data_dir)
+        if operating_points:
+            ops = set_operating_points(sets)
+            for name, op in ops.items():
+                t = op.get("test", {})
+                click.echo(f"{name}: threshold {op['threshold']:.4f} ({op['rule']}); validation sensitivity "
+                           f"{op['sensitivity']:.4f}, specificity {op['specificity']:.4f}, counts {op['counts']}"
+                           + (f"; test sensitivity {t['sensitivity']:.4f} {t['ci95']['sensitivity']}, specificity "
+                              f"{t['specificity']:.4f} {t['ci95']['specificity']}" if t else ""))
+            if card:
+                card.operating_points = ops
+        if calibrate:
+            t, cal = fit_calibration(sets, model_path.name, plots)
+            click.echo(f"temperature {t:.4f} (fitted on the validation split); ECE validation {cal['val_ece_before']:.4f} "
+                       f"→ {cal['val_ece_after']:.4f}" + (f", test {cal['test_ece_before']:.4f} → "
+                                                          f"{cal['test_ece_after']:.4f}" if "test_ece_after" in cal else ""))
+            if card:
+                card.temperature, card.calibration = t, cal
         if update_card and card:
-            card.temperature, card.calibration = t, cal
             write_card(model_path, card)
-            click.echo(f"temperature written to {model_path.name}'s card")
-        return
-    if operating_points:
-        from train.evaluate import set_operating_points
-        ops = set_operating_points(model_path, data_dir)
-        for name, op in ops.items():
-            t = op.get("test", {})
-            click.echo(f"{name}: threshold {op['threshold']:.4f} ({op['rule']}); validation sensitivity "
-                       f"{op['sensitivity']:.4f}, specificity {op['specificity']:.4f}, counts {op['counts']}"
-                       + (f"; test sensitivity {t['sensitivity']:.4f} {t['ci95']['sensitivity']}, specificity "
-                          f"{t['specificity']:.4f} {t['ci95']['specificity']}" if t else ""))
-        if update_card and card:
-            card.operating_points = ops
-            write_card(model_path, card)
-            click.echo(f"operating points written to {model_path.name}'s card")
+            click.echo(f"{' and '.join(w for w, on in (('operating points', operating_points), ('temperature', calibrate)) if on)} "
+                       f"written to {model_path.name}'s card")
         return
     if target_sensitivity is not None:
         val = from_prepared(data_dir, "val")

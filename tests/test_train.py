@@ -169,6 +169,24 @@ def test_evaluate_cli_writes_json_and_predictions(tiny_model, prepared, tmp_path
     assert f"warning: small sample ({m['n']} images" in res.stdout  # the fixture split is a handful of cells
 
 
+def test_evaluate_sets_operating_points_and_temperature_together_on_validation(exported, prepared, tmp_path):
+    import shutil
+
+    from tests.conftest import run
+    art = tmp_path / "tiny_int8.tflite"
+    for suffix in ("", ".card.json"):
+        shutil.copy(exported / f"tiny_int8.tflite{suffix}", f"{art}{suffix}")
+    res = run(["-m", "malaria_edge", "evaluate", str(art), "--data", str(prepared), "--operating-points",
+               "--calibrate", "--update-card", "--plots", str(tmp_path / "plots")])
+    assert res.returncode == 0, res.stderr
+    card = read_card(art)
+    assert set(card.operating_points) == {"screening", "counting"}
+    assert card.operating_points["counting"]["rule"] == "specificity >= 0.995 on validation"
+    assert card.temperature != 1.0 and card.calibration["fitted_on"].startswith("val split")
+    assert "operating points and temperature written" in res.stdout
+    assert (tmp_path / "plots" / "tiny_int8.tflite.reliability.png").exists()
+
+
 def test_no_small_sample_warning_on_a_real_sized_split():
     from train.evaluate import small_sample_warning
     rep = {"n": 3431, "n_groups": 28, "confusion_matrix": [[1500, 20], [40, 1871]]}

@@ -127,17 +127,30 @@ def save_json(path: Path, obj) -> None:
 
 
 
-def set_operating_points(model_path: Path, data_dir: Path) -> dict:
+def val_test_probs(model_path: Path, data_dir: Path) -> dict[str, tuple[LabelledSet, np.ndarray]]:
+    """The validation split and, where the data has it, the test split, each with this artifact's own
+    P(Parasitized): predicted once for everything chosen on validation and reported on test."""
+    from train.data import DataError
+    sets = {}
+    for split in ("val", "test"):
+        try:
+            ls = from_prepared(data_dir, split)
+        except DataError:  # a packed bundle carries no test split
+            if split == "val":
+                raise
+            continue
+        sets[split] = (ls, predict_file(model_path, ls.images))
+    return sets
+
+
+def set_operating_points(sets: dict[str, tuple[LabelledSet, np.ndarray]]) -> dict:
     """Operating points chosen on the validation split with this very artifact (an int8 model's own
     probabilities), plus the test split's sensitivity and specificity at each, with patient-bootstrap CIs."""
-    val = from_prepared(data_dir, "val")
-    ops = M.operating_points(val.labels, predict_file(model_path, val.images))
-    from train.data import DataError
-    try:
-        test = from_prepared(data_dir, "test")
-    except DataError:  # a packed bundle carries no test split
+    val, p_val = sets["val"]
+    ops = M.operating_points(val.labels, p_val)
+    if "test" not in sets:
         return ops
-    p = predict_file(model_path, test.images)
+    test, p = sets["test"]
     for op in ops.values():
         r = M.report(test.labels, p, test.groups, op["threshold"], reps=500)
         op["test"] = {"n": r["n"], "n_groups": r["n_groups"], "sensitivity": r["recall"],
@@ -147,27 +160,22 @@ def set_operating_points(model_path: Path, data_dir: Path) -> dict:
     return ops
 
 
-def fit_calibration(model_path: Path, data_dir: Path, plots_dir: Path | None = None) -> tuple[float, dict]:
+def fit_calibration(sets: dict[str, tuple[LabelledSet, np.ndarray]], name: str,
+                    plots_dir: Path | None = None) -> tuple[float, dict]:
     """Temperature scaling fitted on the validation split with this artifact's own probabilities; the ECE
     before and after on validation and, where it is there, on the test split (scored, never fitted on)."""
     from edge.card import calibrated
-    from train.data import DataError
-    val = from_prepared(data_dir, "val")
-    p_val = predict_file(model_path, val.images)
+    val, p_val = sets["val"]
     t = M.fit_temperature(val.labels, p_val)
     out = {"fitted_on": val.name, "val_ece_before": M.ece(val.labels, p_val),
            "val_ece_after": M.ece(val.labels, calibrated(p_val, t))}
-    sets = {"validation": (val.labels, p_val)}
-    try:
-        test = from_prepared(data_dir, "test")
-        p_test = predict_file(model_path, test.images)
+    if "test" in sets:
+        test, p_test = sets["test"]
         out.update(test_ece_before=M.ece(test.labels, p_test), test_ece_after=M.ece(test.labels, calibrated(p_test, t)),
                    test_n=int(len(test.labels)))
-        sets["test"] = (test.labels, p_test)
-    except DataError:
-        pass
     out = {k: round(v, 5) if isinstance(v, float) else v for k, v in out.items()}
     if plots_dir is not None:
-        plots.reliability({k: (y, p, calibrated(p, t)) for k, (y, p) in sets.items()},
-                          plots_dir / f"{model_path.name}.reliability.png", f"{model_path.name}, T = {t:.3f}")
+        plots.reliability({("validation" if k == "val" else k): (ls.labels, p, calibrated(p, t))
+                           for k, (ls, p) in sets.items()},
+                          plots_dir / f"{name}.reliability.png", f"{name}, T = {t:.3f}")
     return t, out
