@@ -154,11 +154,9 @@ def cells_tab(model, explainer, lock, thr: float, evidence: str) -> None:
         clf = Classifier(model, thr, explainer)  # this session's threshold over the shared, locked model
         x = clf.batch([rgb for _, rgb in good])
         with lock:
-            if explainer is not None:
-                probs, heat, cls = clf.explain(x, evidence)
-            else:
-                probs = clf.probabilities(x)
-                heat, cls = [None] * len(good), [None] * len(good)
+            probs, heat, cls = clf.run(x, evidence)
+        if heat is None:
+            heat, cls = [None] * len(good), [None] * len(good)
         names = model.card.class_names
         for (name, rgb), p, c, h in zip(good, probs, cls, heat):
             pred = clf.prediction(float(p))

@@ -86,6 +86,13 @@ class Classifier:
         pc = self.calibrated(prob)
         return pc if label == self.model.card.class_names[1] else 1 - pc
 
+    def run(self, images: Image | Sequence[Image], evidence: str = "label"
+            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """P(Parasitized), with the Grad-CAM maps and their classes when an explainer is loaded (else None, None)."""
+        if self.explainer is None:
+            return self.probabilities(images), None, None
+        return self.explain(images, evidence)
+
     def explain(self, images: Image | Sequence[Image], evidence: str = "label") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(P(Parasitized), heat maps in [0,1], the class index each map explains): the label's class, or
         Parasitized for every image with evidence="Parasitized"."""

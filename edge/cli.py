@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 
-from edge.card import CardError, read_card
+from edge.card import CardError
 from edge.classifier import Classifier
 from edge.options import RunOptions
 from edge.results import OutputError, Writer, open_results, summary
-from edge.runtime import ModelError, default_model, gate_failed
+from edge.runtime import ModelError, gate_failed, load_explainer_for
 
 RESULT_SUFFIXES = {".csv", ".jsonl", ".ndjson", ".json"}
 
@@ -107,8 +107,9 @@ def main(paths, model_path, camera, video, gradcam, panel, out, output, fmt, thr
     try:
         clf = Classifier.load(model_path, mode="field" if field_mode else "cell", threshold=threshold,
                               operating_point=operating_point or ("counting" if field_mode else None),
-                              gradcam=gradcam or field_mode and _has_explainer(model_path, field_mode),
-                              threads=threads, allow_failed_gate=allow_failed_gate)
+                              gradcam=gradcam, threads=threads, allow_failed_gate=allow_failed_gate)
+        if field_mode and clf.explainer is None and clf.model.card.explainer:
+            clf.explainer = load_explainer_for(clf.model, threads)  # reports show Grad-CAM of the positive cells
     except (ModelError, CardError) as e:
         raise click.ClickException(str(e)) from None
     if gate_failed(clf.model.card):
@@ -134,14 +135,6 @@ def main(paths, model_path, camera, video, gradcam, panel, out, output, fmt, thr
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(f"cannot write results: {e.strerror or e}") from None
-
-
-def _has_explainer(model_path, field_mode: bool) -> bool:
-    """Field reports show Grad-CAM of the positive cells when the model ships an explainer."""
-    try:
-        return bool(read_card(model_path or default_model("field" if field_mode else "cell")).explainer)
-    except (CardError, ModelError):
-        return False
 
 
 def run_files(paths, clf: Classifier, opts: RunOptions) -> int:

@@ -83,11 +83,7 @@ def classify(items: list[Decoded], clf: Classifier, evidence: str = "label"
     good = [d for d in items if d.x is not None]
     probs, heat, cls = np.zeros(0), None, None
     if good:
-        x = np.stack([d.x for d in good])
-        if clf.explainer is not None:
-            probs, heat, cls = clf.explain(x, evidence)
-        else:
-            probs = clf.probabilities(x)
+        probs, heat, cls = clf.run(np.stack([d.x for d in good]), evidence)
     name = clf.model.path.name
     rows, k = [], 0
     for d in items:

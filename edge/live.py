@@ -37,12 +37,10 @@ def run_live(src: Source, clf: Classifier, opts: RunOptions) -> int:
             last_t = t
             rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
             x = resize_rgb(rgb, clf.size)[None]
-            heat, cls = None, None
-            if clf.explainer is not None:
-                probs, heats, classes = clf.explain(x, opts.evidence)
-                prob, heat, cls = float(probs[0]), heats[0], clf.model.card.class_names[classes[0]]
-            else:
-                prob = float(clf.probabilities(x)[0])
+            probs, heats, classes = clf.run(x, opts.evidence)
+            prob = float(probs[0])
+            heat = None if heats is None else heats[0]
+            cls = None if classes is None else clf.model.card.class_names[classes[0]]
             label = clf.prediction(prob).label
             name = f"frame_{n:06d}.png"
             annotated = overlay(rgb, heat, label, clf.calibrated(prob), panel=opts.panel, heat_class=cls)
