@@ -181,9 +181,8 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
                             fields_per_group=fields_per_group, log=log) for pi in levels}
     res["sessions"] = simulate_sessions(pools, opts, sessions=sessions)
     log("every shipped classifier on the real fields' crops")
-    from edge.runtime import models_dirs
-    shipped = sorted({p.resolve() for d in models_dirs() if d.is_dir() for p in d.glob("*/*")
-                      if p.suffix in (".tflite", ".onnx") and not p.stem.endswith("_explainer")})
+    from edge.runtime import installed_classifiers
+    shipped = [p for p, _ in installed_classifiers()]
     res["real_crops_all_models"] = every_model_on_real_crops(fields_root, shipped, log)
     log("speed")
     res["speed"] = speed(model, replace(opts), sorted((fields_root / "Img").glob("*.jpg"))[0], crops_root, data_dir)

@@ -30,8 +30,8 @@ def find(folder: Path) -> tuple[Path, Path]:
     return kerases[0], int8[0]
 
 
-def describe(keras_path: Path) -> str:
-    c = read_card(keras_path)
+def describe(c) -> str:
+    """A candidate in words, from its card: recipe, input size and what training varied."""
     t = c.training or {}
     bits = [c.recipe, f"{c.input_size} px"]
     if t.get("alpha"):
@@ -58,7 +58,7 @@ def front(folders: list[Path], threads: int = 2, rounds: int = 5, runs: int = 30
         val, test = m.get("val", {}), m.get("test", {})
         macs = hardware.model_macs(keras.models.load_model(keras_path, compile=False))
         int8s.append(int8)
-        rows.append({"candidate": str(folder), "what": describe(keras_path), "macs_m": macs / 1e6,
+        rows.append({"candidate": str(folder), "what": describe(card), "macs_m": macs / 1e6,
                      "int8_kb": int8.stat().st_size / 1024,
                      "val_accuracy": val.get("accuracy"), "val_auc": val.get("auc"),
                      "test_accuracy": test.get("accuracy"), "test_auc": test.get("auc"),

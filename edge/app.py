@@ -22,13 +22,14 @@ import numpy as np
 import streamlit as st
 
 from edge.camera import CameraError
-from edge.card import CardError, calibrated, read_card
+from edge.card import calibrated
 from edge.classifier import Classifier
 from edge.gradcam import overlay
 from edge.images import IMAGE_SUFFIXES, ImageError, decode_image
 from edge.infer import not_a_cell
 from edge.report import encode
-from edge.runtime import ModelError, default_model, load_classifier, load_explainer_for, models_dirs
+from edge.runtime import (ModelError, default_model, installed_classifiers, load_classifier, load_explainer_for,
+                          models_dirs)
 
 MAX_UPLOAD_MB = 50  # also passed to Streamlit's server by `malaria-edge app`
 CAMERA = os.environ.get("MALARIA_EDGE_CAMERA", "auto")  # `malaria-edge app --camera SPEC`
@@ -41,16 +42,8 @@ def installed_models() -> dict[str, Path]:
     import importlib.util
     suffixes = (".tflite", ".onnx") if importlib.util.find_spec("onnxruntime") else (".tflite",)
     found = {}
-    for d in models_dirs():
-        for p in sorted(d.glob("*/*")) if d.is_dir() else []:
-            if p.suffix not in suffixes:
-                continue
-            try:
-                card = read_card(p)
-            except CardError:
-                continue
-            if card.role == "classifier":
-                found.setdefault(f"{card.name} · {card.format} · {card.variant}", p)
+    for p, card in installed_classifiers(suffixes):
+        found.setdefault(f"{card.name} · {card.format} · {card.variant}", p)
     return found
 
 

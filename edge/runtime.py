@@ -224,6 +224,23 @@ def models_dirs() -> list[Path]:
     return dirs
 
 
+def installed_classifiers(suffixes=(".tflite", ".onnx")) -> list[tuple[Path, ModelCard]]:
+    """Every classifier artifact (by its card's role) in the model folders, each file once, with its card."""
+    seen, out = set(), []
+    for d in models_dirs():
+        for p in sorted(d.glob("*/*")) if d.is_dir() else []:
+            if p.suffix not in suffixes or p.resolve() in seen:
+                continue
+            try:
+                card = read_card(p)
+            except CardError:
+                continue
+            if card.role == "classifier":
+                seen.add(p.resolve())
+                out.append((p, card))
+    return out
+
+
 def default_model(mode: str = "cell") -> Path:
     """The shipped int8 model for cells (models/default.txt) or fields (models/default_field.txt)."""
     for d in models_dirs():

@@ -64,7 +64,7 @@ def issue_grid(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, path: 
             t = cv2.copyMakeBorder(t, 0, 18, 0, 0, cv2.BORDER_CONSTANT, value=(255, 255, 255))
             cv2.putText(t, f"P={probs[i]:.2f}", (4, 126), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
             tiles.append(t)
-        tiles += [np.full((130, 112, 3), 255, np.uint8)] * ((-len(tiles)) % 8 or 0)
+        tiles += [np.full((130, 112, 3), 255, np.uint8)] * (-len(tiles) % 8)
         if not tiles:
             continue
         head = np.full((28, 112 * 8, 3), 255, np.uint8)
