@@ -140,20 +140,12 @@ def _check_shape(path: Path, shape, card: ModelCard) -> None:
 
 
 def _interpreter_class():
+    """LiteRT's interpreter: the runtime never falls back to TensorFlow's (absent on a Pi, deprecated there)."""
     try:
         from ai_edge_litert.interpreter import Interpreter
         return Interpreter
     except ImportError:
-        pass
-    if "tensorflow" in sys.modules or _tf_importable():
-        import tensorflow as tf  # fallback only: deprecated in TF, and absent on a Pi
-        return tf.lite.Interpreter
-    raise ModelError("no TFLite runtime: pip install ai-edge-litert")
-
-
-def _tf_importable() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("tensorflow") is not None
+        raise ModelError("no TFLite runtime: pip install ai-edge-litert") from None
 
 
 def _load_tflite(path: Path, card: ModelCard, threads: int | None) -> Loaded:
