@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -20,7 +19,8 @@ import numpy as np
 
 from edge.card import atomic_write_text
 from edge.detect import detect
-from edge.field import FieldOptions, analyze, operating_point
+from edge.field import FieldOptions, analyze
+from edge.operating import describe, field_point, operating_point
 from edge.images import load_image
 from edge.parasitemia import estimate
 from edge.runtime import load_classifier
@@ -135,8 +135,11 @@ def pool_summary(pool: dict, threshold: float) -> dict:
             "specificity": float(np.mean(p[y == 0] < threshold))}
 
 
-def speed(model, opts: FieldOptions, real_photo: Path, crops_root: Path, data_dir: Path, repeats: int = 5) -> dict:
-    """Median ms per field: a 1280×960 synthetic field of ~200 cells, and a 5312×2988 photo with decoding."""
+def speed(model, points: dict[str, FieldOptions], real_photo: Path, crops_root: Path, data_dir: Path,
+          repeats: int = 5) -> dict:
+    """Median ms per field for each operating point: a 1280×960 synthetic field of ~200 cells, and a
+    5312×2988 photo with decoding. Points are timed in interleaved rounds, so a busy spell on a shared
+    machine hits them alike."""
     from train.data import load_prepared
     d = load_prepared(data_dir)
     idx = d.indices("test")
@@ -144,35 +147,52 @@ def speed(model, opts: FieldOptions, real_photo: Path, crops_root: Path, data_di
     groups = load_crops(crops_root, [d.relpaths[i] for i in idx], [int(d.labels[i]) for i in idx], ["one"] * len(idx))
     pos, neg = groups["one"]
     f = make_field(pos, neg, SynthParams(width=2560, height=1920, n_cells=320, scale=0.5, parasitemia=0.02, seed=7))
-    return {name: time_field(get, name, model, opts, repeats)
-            for name, get in (("1280x960", lambda: f.rgb), ("5312x2988", lambda: load_image(real_photo)))}
+    out = {}
+    for name, get in (("1280x960", lambda: f.rgb), ("5312x2988", lambda: load_image(real_photo))):
+        for opts in points.values():
+            _time_once(get, name, model, opts)  # warm-up
+        times = {k: [] for k in points}
+        for _ in range(repeats):
+            for k, opts in points.items():
+                times[k].append(_time_once(get, name, model, opts))
+        out.update({f"{name} {k}" if len(points) > 1 else name: _stats(t) for k, t in times.items()})
+    return out
+
+
+def _time_once(get, name: str, model, opts: FieldOptions) -> tuple:
+    t0 = time.perf_counter()
+    rgb = get()
+    t1 = time.perf_counter()
+    res = analyze(rgb, name, model, opts, keep_positive_crops=False)
+    return t1 - t0, res.seconds["detect"], res.seconds["classify"], time.perf_counter() - t0, len(res.cells)
+
+
+def _stats(times: list[tuple]) -> dict:
+    a = np.median(np.array(times), axis=0)
+    return {"decode_ms": 1000 * a[0], "detect_ms": 1000 * a[1], "classify_ms": 1000 * a[2],
+            "total_ms": 1000 * a[3], "fields_per_s": 1 / a[3], "cells": int(a[4])}
 
 
 def time_field(get, name: str, model, opts: FieldOptions, repeats: int = 5, warmup: bool = False) -> dict:
     """Median over `repeats` of getting a field (`get`: decode, or an image already in memory) and analysing
     it, in ms per stage, with fields/s and the number of detected regions."""
     if warmup:
-        analyze(get(), name, model, opts, keep_positive_crops=False)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        rgb = get()
-        t1 = time.perf_counter()
-        res = analyze(rgb, name, model, opts, keep_positive_crops=False)
-        times.append((t1 - t0, res.seconds["detect"], res.seconds["classify"], time.perf_counter() - t0,
-                      len(res.cells)))
-    a = np.median(np.array(times), axis=0)
-    return {"decode_ms": 1000 * a[0], "detect_ms": 1000 * a[1], "classify_ms": 1000 * a[2],
-            "total_ms": 1000 * a[3], "fields_per_s": 1 / a[3], "cells": int(a[4])}
+        _time_once(get, name, model, opts)
+    return _stats([_time_once(get, name, model, opts) for _ in range(repeats)])
 
 
 def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, out: Path, sessions: int = 200,
-        levels=(0.005, 0.02, 0.05), fields_per_group: int = 3, log=print) -> dict:
+        levels=(0.005, 0.02, 0.05), fields_per_group: int = 3, point_name: str | None = None, log=print) -> dict:
+    """point_name: the card's operating point to count at (default: field mode's). A screened point is
+    timed against its plain counting point in the same run."""
     model = load_classifier(model_path)
-    thr, counts = operating_point(model, "counting")
-    opts = FieldOptions(thr, counts)
+    point = operating_point(model, point_name or field_point(model))
+    opts = FieldOptions.at(point)
     from benchmarks.hardware import machine
-    res = {"model": str(model_path), "operating_point": "counting", "threshold": thr, "counts": counts,
+    res = {"model": str(model_path), "operating_point": point.name, "threshold": point.threshold,
+           "counts": point.counts, "point": describe(point.name, point.threshold, point.screen),
+           "screen": None if point.screen is None else {"model": point.screen.model.path.name,
+                                                         "forward_at": point.screen.forward_at},
            "machine": machine()}
     log("real fields")
     res["real"] = real_fields(fields_root, model, opts, log)
@@ -185,7 +205,10 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
     shipped = [p for p, _ in installed_classifiers()]
     res["real_crops_all_models"] = every_model_on_real_crops(fields_root, shipped, log)
     log("speed")
-    res["speed"] = speed(model, replace(opts), sorted((fields_root / "Img").glob("*.jpg"))[0], crops_root, data_dir)
+    timed = {point.name: opts}
+    if point.screen is not None and point.name != "counting":
+        timed["counting"] = FieldOptions.at(operating_point(model, "counting"))
+    res["speed"] = speed(model, timed, sorted((fields_root / "Img").glob("*.jpg"))[0], crops_root, data_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "fields.json", json.dumps(res, indent=1, default=float) + "\n")
     atomic_write_text(out / "fields.md", markdown(res))
@@ -195,8 +218,7 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
 def markdown(r: dict) -> str:
     re_, m = r["real"], r["machine"]
     s = r["real"]["session"]
-    lines = [f"# Field mode: {Path(r['model']).name}, operating point {r['operating_point']} "
-             f"(threshold {r['threshold']:.4f})", "",
+    lines = [f"# Field mode: {Path(r['model']).name} at {r.get('point') or r['operating_point']}", "",
              f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores.", "",
              "## Detection on the real fields (4 photos, 5312x2988, healthy slide C12)", "",
              "| field | GT red cells | recall | precision (in disc) | precision (whole cells) | counted | called Parasitized | decode ms | detect ms | classify ms |",

@@ -76,6 +76,13 @@ def decode_upload(f) -> np.ndarray:
     return decode_image(data, f.name)
 
 
+@st.cache_resource(max_entries=12, show_spinner=False)
+def get_point(path: str, name: str):
+    """A named operating point of a cached model, its screen loaded once per process."""
+    from edge.operating import operating_point
+    return operating_point(get_model(path)[0], name)
+
+
 def default_index(models: dict[str, Path], mode: str) -> int:
     """Where the shipped default for cells or fields sits in the list (models/default*.txt)."""
     try:
@@ -111,7 +118,9 @@ def sidebar(models: dict[str, Path]):
                                   index=default_index(models, "cell"), key="model")
     model, explainer, lock = get_model(str(models[choice]))
     card = model.card
-    ops = {"card default": card.threshold, **{k: v["threshold"] for k, v in card.operating_points.items()}}
+    # a screened point is a rule of two models, measured for fields: the cell tab offers plain thresholds
+    ops = {"card default": card.threshold,
+           **{k: v["threshold"] for k, v in card.operating_points.items() if "screen" not in v}}
     op = st.sidebar.selectbox("Operating point", [*ops, "custom"], key="op",
                               format_func=lambda k: k if k == "custom" else f"{k} ({ops[k]:.4f})")
     thr = st.sidebar.slider("Threshold on P(Parasitized)", 0.001, 0.999, float(ops.get(op, card.threshold)),
@@ -179,23 +188,27 @@ def cells_tab(model, explainer, lock, thr: float, evidence: str) -> None:
 
 
 def fields_tab(models: dict[str, Path]) -> None:
-    from edge.field import FieldOptions, Session, analyze, operating_point, positive_maps
+    from edge.field import FieldOptions, Session, analyze, positive_maps
+    from edge.operating import describe, field_point
     from edge.fieldrun import cell_rows, looks_like_one_cell
     from edge.report import data_uri, field_overlay, write_html
     from edge.results import CELL_FIELDS
     a, b, c = st.columns([2, 1, 1])
     choice = a.selectbox("Field classifier", list(models), index=default_index(models, "field"), key="field-model")
-    op = b.selectbox("Operating point", ["counting", "screening"], key="field-op")
     target = c.number_input("Target red cells", 100, 100_000, 2000, step=100, key="target")
     try:
         model, explainer, lock = get_model(str(models[choice]))
-        thr, counts = operating_point(model, op)
+        names = list(model.card.operating_points or {}) or ["counting"]
+        default = field_point(model)
+        op = b.selectbox("Operating point", names, index=names.index(default) if default in names else 0,
+                         key=f"field-op-{choice}")
+        point = get_point(str(models[choice]), op)
     except ModelError as e:
         st.error(str(e))
         return
-    opts = FieldOptions(thr, counts, op, int(target))
-    st.caption(f"Counting at the **{opts.operating_point}** operating point (threshold {opts.threshold:.4f}); "
-               "the parasitemia is corrected for the model's sensitivity and specificity there.")
+    opts = FieldOptions.at(point, target_cells=int(target))
+    st.caption(f"Counting at {describe(op, point.threshold, point.screen)}; the parasitemia is corrected for the "
+               "sensitivity and specificity measured there.")
     files = list(st.file_uploader("Field photos (a whole microscope field each)", type=TYPES,
                                   accept_multiple_files=True, key="fields") or [])
     captures = st.session_state.setdefault("captures", [])
@@ -221,7 +234,7 @@ def fields_tab(models: dict[str, Path]) -> None:
     overlays, gallery = [], []
     with st.spinner("Finding and classifying cells…"):
         for f in files:
-            key = (hashlib.sha1(f.getvalue()).hexdigest(), str(model.path), opts.threshold)
+            key = (hashlib.sha1(f.getvalue()).hexdigest(), str(model.path), op)
             if key not in cache:  # every widget change reruns this script: decode and analyse each field once
                 try:
                     rgb = decode_upload(f)

@@ -16,6 +16,7 @@ import numpy as np
 from edge.card import calibrated, label_of
 from edge.gradcam import classes_to_explain
 from edge.images import load_image
+from edge.operating import Screen, field_point, operating_point as point_of, predict
 from edge.preprocess import resize_rgb
 from edge.runtime import Loaded, ModelError, default_model, load_classifier, load_explainer_for
 
@@ -38,24 +39,26 @@ class Classifier:
     explainer: Loaded | None = None
     operating_point: str | None = None
     counts: dict | None = None  # the operating point's validation confusion counts (field mode corrects with them)
+    screen: Screen | None = None  # a screened operating point's fast first model
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, mode: str = "cell", threshold: float | None = None,
              operating_point: str | None = None, gradcam: bool = False, threads: int | None = None,
              allow_failed_gate: bool = False) -> "Classifier":
         """path: a .tflite/.onnx with its card (default: the shipped model for `mode`, cell or field).
-        The threshold is `threshold`, else the named operating point's, else the card's."""
+        The threshold is `threshold`, else the named operating point's (field mode: the card's screened
+        counting point, else counting), else the card's."""
         model = load_classifier(path or default_model(mode), threads, allow_failed_gate)
-        counts = None
-        if operating_point:
-            from edge.field import operating_point as op_of
-            op_thr, counts = op_of(model, operating_point)
-            threshold = op_thr if threshold is None else threshold
+        if operating_point is None and mode == "field":
+            operating_point = field_point(model)
+        point = point_of(model, operating_point, threads) if operating_point else None
+        if point and threshold is None:
+            threshold = point.threshold
         thr = model.card.threshold if threshold is None else float(threshold)
         if not 0 < thr < 1:
             raise ModelError(f"threshold {thr} must be between 0 and 1")
         explainer = load_explainer_for(model, threads) if gradcam else None
-        return cls(model, thr, explainer, operating_point, counts)
+        return cls(model, thr, explainer, operating_point, point and point.counts, point and point.screen)
 
     @property
     def size(self) -> int:
@@ -69,7 +72,7 @@ class Classifier:
 
     def probabilities(self, images: Image | Sequence[Image]) -> np.ndarray:
         x = images if isinstance(images, np.ndarray) and images.ndim == 4 else self.batch(images)
-        return self.model.predict(x)
+        return predict(self.model, x, self.screen)
 
     def predict(self, images: Image | Sequence[Image]) -> list[Prediction]:
         return [self.prediction(float(p)) for p in self.probabilities(images)]
@@ -99,6 +102,6 @@ class Classifier:
         if self.explainer is None:
             self.explainer = load_explainer_for(self.model)
         x = images if isinstance(images, np.ndarray) and images.ndim == 4 else self.batch(images)
-        probs = self.model.predict(x)
+        probs = predict(self.model, x, self.screen)
         cls = classes_to_explain(probs, self.threshold, evidence)
         return probs, self.explainer.explain(x, cls)[1], cls

@@ -57,7 +57,9 @@ RESULT_SUFFIXES = {".csv", ".jsonl", ".ndjson", ".json"}
 @click.option("--target-cells", type=click.IntRange(1), default=2000, show_default=True,
               help="Field: red cells to count; live runs stop there.")
 @click.option("--operating-point", default=None,
-              help="A named operating point of the model card (screening, counting). Field default: counting.")
+              help="A named operating point of the model card (screening, counting, counting-fast). Field default: "
+                   "counting-fast where the card has it (a small screen clears most healthy cells first; its counts "
+                   "were measured for that whole rule), else counting.")
 @click.option("--rbc-per-ul", type=float, default=5e6, show_default=True,
               help="Field: the patient's red cells per µL, for parasites/µL.")
 @click.option("--cell-diameter", type=float, default=None,
@@ -106,7 +108,7 @@ def main(paths, model_path, camera, video, gradcam, panel, out, output, fmt, thr
                                "specificity measured at its threshold; choose a card's --operating-point instead")
     try:
         clf = Classifier.load(model_path, mode="field" if field_mode else "cell", threshold=threshold,
-                              operating_point=operating_point or ("counting" if field_mode else None),
+                              operating_point=operating_point,
                               gradcam=gradcam, threads=threads, allow_failed_gate=allow_failed_gate)
         if field_mode and clf.explainer is None and clf.model.card.explainer:
             clf.explainer = load_explainer_for(clf.model, threads)  # reports show Grad-CAM of the positive cells
@@ -122,8 +124,11 @@ def main(paths, model_path, camera, video, gradcam, panel, out, output, fmt, thr
         if field_mode:
             from edge.detect import DetectParams
             from edge.field import FieldOptions
+            from edge.operating import describe
             fopts = FieldOptions(clf.threshold, clf.counts, clf.operating_point, target_cells, rbc_per_ul, batch,
-                                 DetectParams(cell_diameter=cell_diameter))
+                                 DetectParams(cell_diameter=cell_diameter), screen=clf.screen)
+            click.echo(f"{clf.model.path.name}: counting at {describe(clf.operating_point, clf.threshold, clf.screen)}",
+                       err=True)
             sys.exit(run_field(list(paths), camera, video, clf, opts, fopts))
         if camera is not None or video is not None:
             from edge.live import run_live

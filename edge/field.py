@@ -13,7 +13,8 @@ from edge.card import label_of
 from edge.detect import Detection, DetectParams, crop, detect
 from edge.parasitemia import RBC_PER_UL, Estimate, estimate
 from edge.preprocess import resize_rgb
-from edge.runtime import Loaded, ModelError
+from edge.operating import OperatingPoint, Screen, predict
+from edge.runtime import Loaded
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class FieldOptions:
     batch: int = 64
     detect: DetectParams = DetectParams()
     quality: QualityParams = QualityParams()
+    screen: Screen | None = None  # a screened operating point's fast first model
+
+    @classmethod
+    def at(cls, point: OperatingPoint, **kw) -> "FieldOptions":
+        return cls(point.threshold, point.counts, point.name, screen=point.screen, **kw)
 
 
 @dataclass
@@ -143,7 +149,7 @@ def analyze(rgb: np.ndarray, path: str, model: Loaded, opts: FieldOptions, keep_
     if not reason:
         ok = [i for i, c in enumerate(det.cells) if c.status == "ok"]
         crops = [crop(rgb, det.cells[i]) for i in ok]
-        for i, c, p in zip(ok, crops, classify_crops(crops, model, opts.batch)):
+        for i, c, p in zip(ok, crops, classify_crops(crops, model, opts.batch, opts.screen)):
             calls[i].prob_parasitized = float(p)
             calls[i].label = label_of(float(p), opts.threshold, model.card.class_names)
             if keep_positive_crops and calls[i].label == "Parasitized":
@@ -164,22 +170,11 @@ def positive_maps(res: FieldResult, explainer: Loaded | None) -> dict[int, np.nd
     return dict(zip(res.crops, explainer.explain(x, 1)[1]))
 
 
-def classify_crops(crops: list[np.ndarray], model: Loaded, batch: int = 64) -> np.ndarray:
+def classify_crops(crops: list[np.ndarray], model: Loaded, batch: int = 64, screen: Screen | None = None) -> np.ndarray:
     if not crops:
         return np.zeros(0, np.float32)
     x = np.stack([resize_rgb(c, model.size) for c in crops])
-    return np.concatenate([model.predict(x[i:i + batch]) for i in range(0, len(x), batch)])
-
-
-def operating_point(model: Loaded, name: str) -> tuple[float, dict]:
-    """(threshold, validation counts) of a named operating point from the model card."""
-    ops = model.card.operating_points or {}
-    if name not in ops:
-        have = ", ".join(ops) or "none"
-        raise ModelError(f"{model.path.name}: its card has no '{name}' operating point (has: {have}); "
-                         f"add them with: malaria-edge evaluate {model.path} --operating-points --update-card")
-    op = ops[name]
-    return float(op["threshold"]), dict(op["counts"])
+    return np.concatenate([predict(model, x[i:i + batch], screen) for i in range(0, len(x), batch)])
 
 
 @dataclass
@@ -222,6 +217,8 @@ class Session:
             "fields_failed": sum(f.status == "error" for f in self.fields),
             "cell_diameter_px_median": _r(float(np.median(sizes)), 1) if sizes else None,
             "model": model.path.name, "operating_point": self.opts.operating_point, "threshold": self.opts.threshold,
+            "screen": None if self.opts.screen is None else {"model": self.opts.screen.model.path.name,
+                                                              "forward_at": self.opts.screen.forward_at},
             "temperature": model.card.temperature,
             "sensitivity_validation": _r(e.sensitivity), "specificity_validation": _r(e.specificity),
             "method": e.method,

@@ -76,6 +76,9 @@ def write_html(out: Path, summary: dict, overlays: list[tuple[str, str]],
     e = summary
     lo, hi = e["parasitemia_ci95"]
     pct = "n/a" if e["parasitemia_percent"] is None else f"{e['parasitemia_percent']:.2f}%"
+    sc = e.get("screen")
+    screen = (f", behind the screen {html.escape(sc['model'])} (cells it gives P &lt; {sc['forward_at']:.3f} are "
+              "uninfected; the counts above were measured for that whole rule)") if sc else ""
     target = ("reached" if e["target_reached"] else "NOT reached: count more fields before trusting the result")
     rows = "".join(
         f"<tr><td>{html.escape(Path(f['path']).name)}</td><td class='{f['status']}'>{f['status']}</td>"
@@ -104,7 +107,7 @@ failed {e['fields_failed']}. Median cell diameter {e['cell_diameter_px_median']}
 <p>The estimate corrects the raw share for the classifier's errors at the <b>{e['operating_point']}</b> operating point
 (threshold {e['threshold']:.3f}; validation sensitivity {e['sensitivity_validation']}, specificity
 {e['specificity_validation']}). The interval includes the sampling of cells and the uncertainty of those two rates;
-it assumes this smear looks like the validation cells. Model {html.escape(e['model'])}. {html.escape(e['method'])}.</p>
+it assumes this smear looks like the validation cells. Model {html.escape(e['model'])}{screen}. {html.escape(e['method'])}.</p>
 <h2>Fields</h2><table><tr><th>field</th><th>status</th><th>reason</th><th>red cells</th><th>parasitized</th>
 <th>cell px</th><th>focus</th></tr>{rows}</table>
 <h2>Positive cells ({len(gallery)}): crop and Grad-CAM of the Parasitized class</h2>{''.join(cards) or '<p>none</p>'}

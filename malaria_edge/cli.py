@@ -14,6 +14,7 @@ import click
 
 from edge.card import CardError
 from edge.images import ImageError
+from edge.operating import FAST
 from edge.results import OutputError
 from edge.runtime import ModelError
 from export.pipeline import FORMATS  # light: TensorFlow loads inside its functions
@@ -269,6 +270,10 @@ def label_issues_cmd(data_dir, out, folds, epochs, patience, seed):
 @click.option("--operating-points", is_flag=True,
               help="Set the named operating points (screening: sensitivity >= 0.97, counting: specificity >= 0.995) "
                    "on the validation split, with their confusion counts and test-split rates.")
+@click.option("--screen", "screen_path", type=click.Path(path_type=Path, exists=True), default=None,
+              help="With --operating-points: also set counting-fast, the counting rule behind this faster screen "
+                   "model (it forwards 99.5%% of the cells MODEL calls positive at counting on validation), with the "
+                   "rule's own counts.")
 @click.option("--calibrate", is_flag=True,
               help="Fit temperature scaling on the validation split (the confidence shown then means what it says); "
                    "reports ECE before and after on validation and test, and a reliability diagram into --plots.")
@@ -278,8 +283,8 @@ def label_issues_cmd(data_dir, out, folds, epochs, patience, seed):
 @click.option("--predictions", type=click.Path(path_type=Path), default=None, help="Write one CSV row per image here.")
 @click.option("--plots", type=click.Path(path_type=Path), default=None, help="Folder for confusion matrix and ROC PNGs.")
 @_fail_cleanly
-def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitivity, operating_points, calibrate,
-                 update_card, json_path, predictions, plots):
+def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitivity, operating_points, screen_path,
+                 calibrate, update_card, json_path, predictions, plots):
     """Accuracy, precision, recall, specificity, F1, AUC, MCC with patient-bootstrap 95% CIs.
 
     MODEL_PATH is a .keras file or an exported .tflite/.onnx (run through the edge runtime).
@@ -294,11 +299,15 @@ def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitiv
         card = None
     if threshold is None:
         threshold = card.threshold if card else 0.5
+    if screen_path and not operating_points:
+        raise click.UsageError("--screen sets the counting-fast operating point: add --operating-points")
     if calibrate or operating_points:
         from train.evaluate import fit_calibration, set_operating_points, val_test_probs
         sets = val_test_probs(model_path, data_dir)
         if operating_points:
             ops = set_operating_points(sets)
+            if screen_path:
+                ops[FAST] = _screened(model_path, screen_path, data_dir, sets, ops["counting"])
             for name, op in ops.items():
                 t = op.get("test", {})
                 click.echo(f"{name}: threshold {op['threshold']:.4f} ({op['rule']}); validation sensitivity "
@@ -338,6 +347,23 @@ def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitiv
         card.threshold = float(threshold)
         write_card(model_path, card)
         click.echo(f"threshold written to {model_path.name}'s card")
+
+
+def _screened(model_path: Path, screen_path: Path, data_dir: Path, sets: dict, counting: dict) -> dict:
+    import os
+    from edge.card import read_card
+    from train.evaluate import screened_point, val_test_probs
+    if screen_path.suffix not in (".tflite", ".onnx"):
+        raise click.UsageError(f"--screen {screen_path}: the screen is an exported .tflite/.onnx artifact with its card")
+    sha = read_card(screen_path).artifact_sha256
+    ref = os.path.relpath(screen_path.resolve(), model_path.resolve().parent)
+    op = screened_point(sets, val_test_probs(screen_path, data_dir), counting, ref, sha)
+    f = op["screen"]["forwarded_val"]
+    click.echo(f"screen {screen_path.name}: forward_at {op['screen']['forward_at']:.4f} forwards "
+               f"{f['uninfected']:.1%} of validation's uninfected and {f['parasitized']:.1%} of its parasitized cells"
+               + (f"; its calls agree with counting alone on {op['test']['agreement_with_counting']:.2%} of test"
+                  if "test" in op else ""))
+    return op
 
 
 @main.command("compare")
@@ -443,13 +469,16 @@ def bench_front_cmd(folders, threads, rounds, out):
               default=Path("../shared/data/nih_fields/239C12NThinF"), show_default=True,
               help="Real fields: Img/*.jpg with GT/*.txt point sets.")
 @click.option("--sessions", default=200, show_default=True, help="Simulated sessions per parasitemia level.")
+@click.option("--operating-point", "point", default=None,
+              help="The card's operating point to count at (default: field mode's, counting-fast where the card has it).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)
 @_fail_cleanly
-def bench_fields_cmd(model_path, data_dir, crops, fields_root, sessions, out):
+def bench_fields_cmd(model_path, data_dir, crops, fields_root, sessions, point, out):
     """Field mode: detection on real fields, corrected counts on simulated sessions, fields/s."""
     from benchmarks.fields import markdown, run
     from edge.runtime import default_model
-    res = run(model_path or default_model("field"), data_dir, crops, fields_root, out, sessions, log=click.echo)
+    res = run(model_path or default_model("field"), data_dir, crops, fields_root, out, sessions, point_name=point,
+              log=click.echo)
     click.echo(markdown(res))
 
 

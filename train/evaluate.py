@@ -148,16 +148,49 @@ def set_operating_points(sets: dict[str, tuple[LabelledSet, np.ndarray]]) -> dic
     probabilities), plus the test split's sensitivity and specificity at each, with patient-bootstrap CIs."""
     val, p_val = sets["val"]
     ops = M.operating_points(val.labels, p_val)
-    if "test" not in sets:
-        return ops
-    test, p = sets["test"]
-    for op in ops.values():
-        r = M.report(test.labels, p, test.groups, op["threshold"], reps=500)
-        op["test"] = {"n": r["n"], "n_groups": r["n_groups"], "sensitivity": r["recall"],
-                      "specificity": r["specificity"],
-                      "ci95": {"sensitivity": [round(v, 4) for v in r["ci95"]["recall"]],
-                               "specificity": [round(v, 4) for v in r["ci95"]["specificity"]]}}
+    if "test" in sets:
+        for op in ops.values():
+            op["test"] = test_rates(*sets["test"], op["threshold"])
     return ops
+
+
+def test_rates(test: LabelledSet, p: np.ndarray, threshold: float) -> dict:
+    r = M.report(test.labels, p, test.groups, threshold, reps=500)
+    return {"n": r["n"], "n_groups": r["n_groups"], "sensitivity": r["recall"], "specificity": r["specificity"],
+            "ci95": {"sensitivity": [round(v, 4) for v in r["ci95"]["recall"]],
+                     "specificity": [round(v, 4) for v in r["ci95"]["specificity"]]}}
+
+
+SCREEN_KEEP = 0.995  # share of the deciding model's counting positives (validation) the screen must forward
+
+
+def screened_point(sets: dict, screen_sets: dict, counting: dict, screen_ref: str, screen_sha: str,
+                   keep: float = SCREEN_KEEP) -> dict:
+    """The counting rule run behind a fast screen: the screen's forward_at is the highest cut that still
+    forwards `keep` of the cells the deciding model calls positive at counting on validation; the rule's own
+    confusion counts (what the correction reads) on validation and its rates on test, at the same threshold
+    (the rule only takes positives away, so validation specificity still meets the counting target).
+    sets / screen_sets: each model's own P on the same validation (and test) images."""
+    (val, p_val), (_, s_val) = sets["val"], screen_sets["val"]
+    thr = counting["threshold"]
+    called = np.sort(s_val[p_val >= thr])
+    # never above the threshold: a cleared cell's P is the screen's and must stay an Uninfected call
+    forward_at = min(float(called[int(np.floor((1 - keep) * len(called)))]), thr)
+
+    def rule(p, s):
+        return np.where(s >= forward_at, p, s)
+
+    op = M.operating_point(val.labels, rule(p_val, s_val), thr,
+                           f"{counting['rule']}, cells the screen gives P < {forward_at:.4f} Uninfected")
+    fwd = s_val >= forward_at
+    op["screen"] = {"model": screen_ref, "sha256": screen_sha, "forward_at": forward_at, "keep": keep,
+                    "forwarded_val": {"uninfected": float(fwd[val.labels == 0].mean()),
+                                      "parasitized": float(fwd[val.labels == 1].mean())}}
+    if "test" in sets:
+        (test, p_test), (_, s_test) = sets["test"], screen_sets["test"]
+        op["test"] = test_rates(test, rule(p_test, s_test), thr)
+        op["test"]["agreement_with_counting"] = float(np.mean((rule(p_test, s_test) >= thr) == (p_test >= thr)))
+    return op
 
 
 def fit_calibration(sets: dict[str, tuple[LabelledSet, np.ndarray]], name: str,

@@ -1,0 +1,86 @@
+"""Named operating points from a model card: a threshold with its validation confusion counts (what the
+parasitemia correction reads), and for a screened point the smaller model that clears most cells first.
+
+A screened point ("counting-fast") runs a fast screen on every cell; only cells the screen gives
+P ≥ forward_at reach the card's own model, which decides at the point's threshold; the rest are
+Uninfected. Its counts were measured for that whole rule (`malaria-edge evaluate --screen`), so the
+correction stays honest; the screen's sha256 is in the card, so a retrained screen is refused, not trusted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge.runtime import Loaded, ModelError, load_classifier
+
+FAST = "counting-fast"  # the screened counting point; field mode's default where the card has it
+
+
+@dataclass(frozen=True)
+class Screen:
+    model: Loaded
+    forward_at: float  # cells with screen P >= forward_at go on to the deciding model
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    name: str
+    threshold: float
+    counts: dict  # validation confusion counts {tp, fn, tn, fp} of the whole rule
+    screen: Screen | None = None
+
+
+def field_point(model: Loaded) -> str:
+    """Field mode's default: the screened counting point where the card has one (same rule, faster), else counting."""
+    return FAST if FAST in (model.card.operating_points or {}) else "counting"
+
+
+def operating_point(model: Loaded, name: str, threads: int | None = None) -> OperatingPoint:
+    """A named operating point of the model card, with its screen loaded and checked when it has one."""
+    ops = model.card.operating_points or {}
+    if name not in ops:
+        have = ", ".join(ops) or "none"
+        raise ModelError(f"{model.path.name}: its card has no '{name}' operating point (has: {have}); "
+                         f"add them with: malaria-edge evaluate {model.path} --operating-points --update-card")
+    op = ops[name]
+    thr = float(op["threshold"])
+    spec = op.get("screen")
+    return OperatingPoint(name, thr, dict(op["counts"]), load_screen(model, spec, thr, threads) if spec else None)
+
+
+def load_screen(model: Loaded, spec: dict, threshold: float, threads: int | None = None) -> Screen:
+    path = (model.path.parent / spec["model"]).resolve()
+    if not path.exists():
+        raise ModelError(f"{model.path.name}: the screen model {spec['model']} its card names is missing")
+    screen = load_classifier(path, threads)
+    if screen.card.artifact_sha256 != spec["sha256"]:
+        raise ModelError(f"{path.name}: not the screen model {model.path.name}'s card measured its counts with "
+                         f"(sha256 differs); re-run: malaria-edge evaluate {model.path} --operating-points "
+                         f"--screen {path} --update-card")
+    if screen.size != model.size:
+        raise ModelError(f"{path.name}: screen input {screen.size} px differs from {model.path.name}'s {model.size} px")
+    fwd = float(spec["forward_at"])
+    if not 0 < fwd <= threshold:
+        raise ModelError(f"{model.path.name}: screen forward_at {fwd} must be in (0, threshold {threshold}]")
+    return Screen(screen, fwd)
+
+
+def predict(model: Loaded, x: np.ndarray, screen: Screen | None = None) -> np.ndarray:
+    """P(Parasitized) per image: the model's; under a screen, the screen's for the cells it clears (all below
+    forward_at ≤ the threshold, so Uninfected) and the model's for the cells it forwards."""
+    if screen is None:
+        return model.predict(x)
+    p = screen.model.predict(x)
+    fwd = np.flatnonzero(p >= screen.forward_at)
+    if len(fwd):
+        p[fwd] = model.predict(x[fwd])
+    return p
+
+
+def describe(name: str, threshold: float, screen: Screen | None) -> str:
+    s = f"the {name} operating point (threshold {threshold:.4f})"
+    if screen:
+        s += f", screened by {Path(screen.model.path).name} (cells it gives P < {screen.forward_at:.3f} are Uninfected)"
+    return s

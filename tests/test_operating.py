@@ -1,0 +1,134 @@
+"""Operating points from the card, and the screened counting point: a fast screen clears most cells,
+the card's model decides the rest, and the counts the correction reads belong to that whole rule."""
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edge.classifier import Classifier
+from edge.operating import FAST, operating_point, predict
+from edge.runtime import ModelError, load_classifier
+from tests.conftest import ROOT, run
+from train.evaluate import LabelledSet, screened_point
+
+MNV2 = ROOT / "models" / "mobilenetv2" / "mobilenetv2_int8.tflite"
+
+
+@pytest.fixture(scope="module")
+def crops(cell_files):
+    return Classifier.load(MNV2).batch(cell_files)
+
+
+def test_the_deciding_model_sees_only_the_cells_the_screen_forwards(crops):
+    model = load_classifier(MNV2)
+    point = operating_point(model, FAST)
+    seen = []
+    counted = dataclasses.replace(model, run=lambda x: (seen.append(len(x)), model.run(x))[1])
+    p = predict(counted, crops, point.screen)
+    s = point.screen.model.predict(crops)
+    fwd = s >= point.screen.forward_at
+    assert 0 < fwd.sum() < len(crops)  # the fixture holds cells of both kinds
+    assert seen == [int(fwd.sum())]
+    assert np.array_equal(p[~fwd], s[~fwd])  # cleared cells keep the screen's P, below the threshold
+    assert np.allclose(p[fwd], model.predict(crops[fwd]))
+    assert (p[~fwd] < point.threshold).all()
+
+
+def test_field_mode_defaults_to_the_screened_counting_point():
+    clf = Classifier.load(MNV2, mode="field")
+    assert clf.operating_point == FAST and clf.screen is not None
+    assert clf.counts == clf.model.card.operating_points[FAST]["counts"]
+    assert Classifier.load(MNV2).screen is None  # cell mode keeps the card's threshold, no screen
+
+
+def _copy(tmp_path, edit):
+    """The shipped field model with its screen, in a tmp models tree, its card edited."""
+    for sub in ("mobilenetv2", "cnn_s2"):
+        (tmp_path / sub).mkdir()
+    dst = tmp_path / "mobilenetv2" / MNV2.name
+    shutil.copy(MNV2, dst)
+    card = json.loads(MNV2.with_name(MNV2.name + ".card.json").read_text())
+    edit(card)
+    dst.with_name(dst.name + ".card.json").write_text(json.dumps(card))
+    s2 = ROOT / "models" / "cnn_s2" / "cnn_s2_int8.tflite"
+    for f in (s2, s2.with_name(s2.name + ".card.json")):
+        shutil.copy(f, tmp_path / "cnn_s2" / f.name)
+    return dst
+
+
+def test_a_screen_other_than_the_one_measured_is_refused(tmp_path):
+    path = _copy(tmp_path, lambda c: c["operating_points"][FAST]["screen"].update(sha256="0" * 64))
+    with pytest.raises(ModelError, match="sha256 differs"):
+        Classifier.load(path, mode="field")
+
+
+def test_a_missing_screen_is_a_clear_error(tmp_path):
+    path = _copy(tmp_path, lambda c: c["operating_points"][FAST]["screen"].update(model="../gone/x.tflite"))
+    with pytest.raises(ModelError, match="screen model .* is missing"):
+        Classifier.load(path, mode="field")
+
+
+def test_field_mode_counts_at_counting_where_the_card_has_no_screened_point(tmp_path):
+    path = _copy(tmp_path, lambda c: c["operating_points"].pop(FAST))
+    clf = Classifier.load(path, mode="field")
+    assert clf.operating_point == "counting" and clf.screen is None
+
+
+def test_screened_point_forwards_the_kept_share_and_counts_the_whole_rule():
+    # the decider calls cells 0-3 and 8 positive at 0.9; the screen gives them 0.2, 0.6, 0.7, 0.8 and 0.1
+    y = np.array([1, 1, 1, 0, 1, 0, 0, 0, 0, 0])
+    p = np.array([.95, .99, .97, .93, .5, .1, .2, .3, .92, .4])
+    s = np.array([.2, .6, .7, .8, .9, .1, .1, .65, .1, .9])
+    ls = LabelledSet(np.zeros((10, 1, 1, 3), np.uint8), y, ["g"] * 10, [""] * 10, "val")
+    counting = {"threshold": 0.9, "rule": "specificity"}
+    op = screened_point({"val": (ls, p)}, {"val": (ls, s)}, counting, "../s/s.tflite", "abc", keep=0.6)
+    # forwarding 3 of those 5 leaves out the two lowest (0.1, 0.2): forward_at is the next, 0.6
+    assert op["screen"]["forward_at"] == 0.6
+    # cell 0 is cleared (a lost true positive); cell 8 (P .92, a false positive) is cleared by its screen P .1
+    assert op["counts"] == {"tp": 2, "fn": 2, "tn": 5, "fp": 1}
+    assert op["screen"]["forwarded_val"] == {"uninfected": 3 / 6, "parasitized": 3 / 4}
+    assert op["threshold"] == 0.9 and op["screen"]["sha256"] == "abc"
+
+
+def test_evaluate_screen_writes_a_counting_fast_point_that_field_mode_uses(exported, prepared, tmp_path):
+    for f in exported.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    model, screen = tmp_path / "tiny_int8.tflite", tmp_path / "tiny_fp32.tflite"
+    res = run(["-m", "malaria_edge", "evaluate", model, "--data", prepared, "--operating-points", "--screen", screen,
+               "--update-card"])
+    assert res.returncode == 0, res.stderr
+    op = json.loads((tmp_path / "tiny_int8.tflite.card.json").read_text())["operating_points"][FAST]
+    assert op["screen"]["model"] == "tiny_fp32.tflite"
+    assert op["screen"]["sha256"] == json.loads((tmp_path / "tiny_fp32.tflite.card.json").read_text())["artifact_sha256"]
+    from train.data import load_prepared
+    assert sum(op["counts"].values()) == len(load_prepared(prepared).indices("val"))
+    assert Classifier.load(model, mode="field").operating_point == FAST
+
+
+def test_evaluate_screen_without_operating_points_is_a_usage_error():
+    res = run(["-m", "malaria_edge", "evaluate", MNV2, "--screen", MNV2])
+    assert res.returncode == 2 and "--operating-points" in res.stderr
+
+
+def test_screen_never_clears_a_cell_above_the_threshold():
+    y = np.array([1, 1, 0, 0])
+    p = np.array([.95, .97, .1, .2])
+    ls = LabelledSet(np.zeros((4, 1, 1, 3), np.uint8), y, ["g"] * 4, [""] * 4, "val")
+    op = screened_point({"val": (ls, p)}, {"val": (ls, np.array([.98, .99, .95, .1]))},
+                        {"threshold": 0.9, "rule": "specificity"}, "s", "abc", keep=1.0)
+    assert op["screen"]["forward_at"] == 0.9  # 0.98 would leave cell 2 (screen P .95) positive on its own
+
+
+def test_field_speed_times_each_point_on_the_same_fields(prepared):
+    from benchmarks.fields import speed
+    from edge.field import FieldOptions
+    from tests.conftest import CELLS
+    m = load_classifier(MNV2)
+    points = {name: FieldOptions.at(operating_point(m, name)) for name in (FAST, "counting")}
+    field = ROOT / "examples" / "field" / "IMG_20150614_124212.jpg"
+    r = speed(m, points, field, CELLS, prepared, repeats=1)
+    assert set(r) == {f"{size} {name}" for size in ("1280x960", "5312x2988") for name in points}
+    assert r[f"1280x960 {FAST}"]["cells"] == r["1280x960 counting"]["cells"] > 100
+    assert all(v["total_ms"] >= v["detect_ms"] + v["classify_ms"] for v in r.values())
