@@ -122,6 +122,16 @@ def test_a_field_gives_counts_interval_and_the_report():
     assert fields[0]["status"] == "ok" and fields[0]["red cells"] == n
 
 
+def test_the_field_tab_counts_at_the_cards_screened_point_and_offers_the_others():
+    at = started()
+    sel = at.selectbox(key="field-op-mobilenetv2 · tflite · int8")
+    assert sel.value == "counting-fast" and {"counting", "screening"} <= set(sel.options)
+    assert "screened by cnn_s2_int8.tflite" in texts(at)
+    at.selectbox(key="model").set_value("mobilenetv2 · tflite · int8").run()
+    cell_points = at.selectbox(key="op").options  # the cell tab offers plain thresholds only
+    assert "counting (0.9453)" in cell_points and not any(o.startswith("counting-fast") for o in cell_points)
+
+
 def test_a_cell_sent_to_the_field_tab_is_refused():
     at = started()
     at.file_uploader(key="fields").set_value([upload(PARASITIZED[0])])
