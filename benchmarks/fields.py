@@ -99,6 +99,54 @@ def every_model_on_real_crops(root: Path, model_paths: list[Path], log=print) ->
     return rows
 
 
+# stain and camera shifts applied to the validation crops: what another lab's slides might do to them
+SHIFTS = {"none": {}, "hue +8": dict(hue=8), "hue -8": dict(hue=-8), "saturation x0.6": dict(sat=0.6),
+          "saturation x1.5": dict(sat=1.5), "gamma 0.7": dict(gamma=0.7), "gamma 1.4": dict(gamma=1.4),
+          "blur 1.5 px": dict(blur=1.5), "half resolution": dict(scale=0.5)}
+
+
+def shifted(x: np.ndarray, hue: float = 0, sat: float = 1.0, gamma: float = 1.0, blur: float = 0,
+            scale: float = 1.0) -> np.ndarray:
+    """Crops (uint8 N×S×S×3, black background) recoloured, blurred or seen at a lower resolution; the
+    background stays black."""
+    out = np.empty_like(x)
+    for i, im in enumerate(x):
+        v = im
+        if hue or sat != 1:
+            hsv = cv2.cvtColor(im, cv2.COLOR_RGB2HSV).astype(np.float32)
+            hsv[..., 0] = (hsv[..., 0] + hue) % 180
+            hsv[..., 1] = np.clip(hsv[..., 1] * sat, 0, 255)
+            v = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
+        if gamma != 1:
+            v = (255 * (v / 255.0) ** gamma).astype(np.uint8)
+        if blur:
+            v = cv2.GaussianBlur(v, (0, 0), blur)
+        if scale != 1:
+            n = im.shape[0]
+            v = cv2.resize(cv2.resize(v, (int(n * scale),) * 2, interpolation=cv2.INTER_AREA), (n, n))
+        out[i] = np.where(im.max(axis=2, keepdims=True) > 0, v, 0)
+    return out
+
+
+def screen_under_shift(model, point, data_dir: Path, log=print) -> list[dict]:
+    """A screened point against its deciding model alone, on the validation crops under each shift: how
+    many of the model's own counting positives the screen still forwards, and both rules' rates."""
+    from edge.operating import predict
+    from train.data import load_prepared
+    d = load_prepared(data_dir)
+    idx = d.indices("val")
+    x0, y = np.asarray(d.images[idx]), d.labels[idx]
+    rows = []
+    for name, kw in SHIFTS.items():
+        x = shifted(x0, **kw)
+        alone, screened = model.predict(x) >= point.threshold, predict(model, x, point.screen) >= point.threshold
+        rows.append({"shift": name, "kept": float(screened[alone].mean()) if alone.any() else None,
+                     "sensitivity_alone": float(alone[y == 1].mean()), "specificity_alone": float(1 - alone[y == 0].mean()),
+                     "sensitivity": float(screened[y == 1].mean()), "specificity": float(1 - screened[y == 0].mean())})
+        log(f"  {name}: the screen keeps {rows[-1]['kept']:.3f} of the model's counting positives")
+    return rows
+
+
 def simulate_sessions(pools: dict[float, dict], opts: FieldOptions, sessions: int = 200, n_cells: int = 2000,
                       seed: int = 0) -> list[dict]:
     """pools: true parasitemia → the field pool composed at that parasitemia. Each session draws its
@@ -204,6 +252,9 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
     from edge.runtime import installed_classifiers
     shipped = [p for p, _ in installed_classifiers()]
     res["real_crops_all_models"] = every_model_on_real_crops(fields_root, shipped, log)
+    if point.screen is not None:
+        log("the screen under stain and camera shifts (validation crops)")
+        res["screen_under_shift"] = screen_under_shift(model, point, data_dir, log)
     log("speed")
     timed = {point.name: opts}
     if point.screen is not None and point.name != "counting":
@@ -253,6 +304,15 @@ def markdown(r: dict) -> str:
         sens = f"{q['sensitivity']:.3f}" if q["sensitivity"] is not None else "–"
         lines.append(f"| {x['parasitemia_percent']:.1f}% | {q['fields']} | {q['recall']:.4f} | {q['precision']:.4f} | "
                      f"{q['cells']} | {q['infected']} | {sens} | {q['specificity']:.4f} |")
+    if r.get("screen_under_shift"):
+        lines += ["", "## The screen under stain and camera shifts (validation crops)", "",
+                  f"Each shift applied to every validation crop; {r['operating_point']} against the deciding model "
+                  "alone at the same threshold.", "",
+                  "| shift | model's counting positives the screen keeps | sensitivity alone / screened | "
+                  "specificity alone / screened |", "|---|---:|---:|---:|"]
+        for x in r["screen_under_shift"]:
+            lines.append(f"| {x['shift']} | {x['kept']:.3f} | {x['sensitivity_alone']:.3f} / {x['sensitivity']:.3f} | "
+                         f"{x['specificity_alone']:.4f} / {x['specificity']:.4f} |")
     if r.get("real_crops_all_models"):
         lines += ["", "## Every shipped classifier on the real fields' crops (all uninfected)", "",
                   "| model | crops | called Parasitized at the card threshold | at the counting point |",

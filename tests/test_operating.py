@@ -132,3 +132,20 @@ def test_field_speed_times_each_point_on_the_same_fields(prepared):
     assert set(r) == {f"{size} {name}" for size in ("1280x960", "5312x2988") for name in points}
     assert r[f"1280x960 {FAST}"]["cells"] == r["1280x960 counting"]["cells"] > 100
     assert all(v["total_ms"] >= v["detect_ms"] + v["classify_ms"] for v in r.values())
+
+
+def test_shifted_crops_change_the_cell_and_keep_the_background_black(crops):
+    from benchmarks.fields import shifted
+    assert np.array_equal(shifted(crops), crops)
+    out = shifted(crops, hue=8, sat=0.6, blur=1.5)
+    bg = crops.max(axis=3) == 0
+    assert (out[bg] == 0).all() and not np.array_equal(out[~bg], crops[~bg])
+
+
+def test_the_screen_under_shift_only_ever_removes_positives(prepared):
+    from benchmarks.fields import SHIFTS, screen_under_shift
+    m = load_classifier(MNV2)
+    rows = screen_under_shift(m, operating_point(m, FAST), prepared, log=lambda *_: None)
+    assert [r["shift"] for r in rows] == list(SHIFTS)
+    for r in rows:  # a cleared cell is Uninfected, a forwarded one keeps the model's own call
+        assert r["sensitivity"] <= r["sensitivity_alone"] and r["specificity"] >= r["specificity_alone"]
