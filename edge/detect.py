@@ -65,6 +65,7 @@ class Detection:
     scale: float  # working resolution / full resolution
     eyepiece: np.ndarray | None = field(default=None, repr=False)  # bool mask at working resolution
     work: np.ndarray | None = field(default=None, repr=False)  # the image at working resolution
+    labels: np.ndarray | None = field(default=None, repr=False)  # the split regions at working resolution, 0 between cells
     threshold: float = 0.0  # the colour-distance cut between cells and background
     background_level: float = 0.0
     cell_level: float = 0.0
@@ -198,6 +199,7 @@ def detect(rgb: np.ndarray, params: DetectParams = DetectParams()) -> Detection:
     fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (kc, kc))).astype(bool)
     fg = _fill_holes(fg, p.fill_holes * cell_area)
     labels, n = _split(fg, r, p)
+    det.labels = labels
     if n == 0:
         det.note = "no cells found"
         return det

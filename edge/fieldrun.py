@@ -67,6 +67,7 @@ def run_session(items: Iterable[tuple[str, np.ndarray | str]], model: Loaded, ex
                     save_png(sdir / "fields" / f"{stem}.png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
                 heat = positive_maps(res, explainer)
                 gallery += [(name, i, res.cells[i].prob_parasitized, rgb, heat[i]) for i, rgb in res.crops.items()]
+                res.detection, res.crops = None, {}  # drawn and kept: a long live session holds counts, not pixels
                 small = opts.detect.small_cell_px
                 if res.status == "ok" and res.diameter_px < small and not warned:
                     log(f"warning: cells are {res.diameter_px:.0f} px across (< {small:.0f}): the camera resolution "

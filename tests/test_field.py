@@ -311,3 +311,43 @@ def test_every_model_check_classifies_the_same_real_crops_with_each_model(tmp_pa
     n_ok = sum(c.status == "ok" for c in detect(load_image(FIELD)).cells)
     assert [r["model"] for r in rows] == [m.name for m in models] and all(r["crops"] == n_ok for r in rows)
     assert all(0 <= r["parasitized_at_counting"] <= r["parasitized_at_card"] for r in rows)
+
+
+def test_synthetic_truth_says_where_each_cell_was_laid(crops_by_group):
+    from train.synthetic import cell_mask
+    pos, neg = crops_by_group
+    f = make_field(pos[:1], neg[:1], SynthParams(width=600, height=600, n_cells=1, parasitemia=1.0, wbc=0, platelets=0,
+                                                  vignette=0, noise=0, jpeg_quality=None, seed=3))
+    (t,) = f.truth
+    src = dict(pos)[t.source]
+
+    def diff(turns):
+        nih = np.rot90(src, turns)
+        inner = cv2.erode(cell_mask(np.ascontiguousarray(nih)).astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+        (x, y), (h, w) = t.corner, nih.shape[:2]
+        if y + h > 600 or x + w > 600:
+            return 255.0
+        return float(np.abs(f.rgb[y:y + h, x:x + w].astype(float) - nih)[inner].mean())
+
+    assert diff(t.turns) < 8 < min(diff(k) for k in range(4) if k != t.turns)
+
+
+def test_crowding_counts_touching_regions_and_their_shared_rim():
+    from benchmarks.recut import crowding
+    from edge.detect import Detection
+    lab = np.zeros((40, 60), np.int32)
+    lab[5:15, 5:15], lab[5:15, 15:25], lab[25:35, 40:50] = 1, 2, 3  # 1 and 2 share a side; 3 stands alone
+    c = crowding([Detection([], 10.0, 1.0, labels=lab)])
+    assert c["regions"] == 3 and c["touching"] == pytest.approx(2 / 3)
+    assert c["median_shared_rim"] == pytest.approx(10 / 36)  # 1's rim: 36 px, of which its side by 2: 10 px
+
+
+def test_a_session_keeps_counts_not_the_pixels_of_each_field(tmp_path):
+    from edge.fieldrun import file_items, run_session
+    from edge.operating import operating_point
+    m = load_classifier(FIELD_MODEL)
+    session, sdir, code = run_session(file_items([FIELD]), m, None, FieldOptions.at(operating_point(m, "counting")),
+                                      tmp_path, None, log=lambda *_: None)
+    (res,) = session.fields
+    assert code == 0 and res.rbc > 250 and res.detection is None and not res.crops
+    assert "data:image/jpeg;base64," in (sdir / "report.html").read_text()

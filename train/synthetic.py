@@ -8,7 +8,7 @@ chosen parasitemia. Cells keep their native scale unless `scale` resizes the who
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -40,6 +40,10 @@ class Truth:
     r: float  # equivalent radius
     label: str  # Parasitized | Uninfected | White_Blood_Cell
     source: str = ""  # the crop it came from
+    # where it was laid, at native scale: the crop's top-left corner and its quarter turns (np.rot90);
+    # with its source crop this gives the cell's own mask in the field (benchmarks/recut.py)
+    corner: tuple[int, int] = (0, 0)
+    turns: int = 0
 
 
 @dataclass
@@ -162,7 +166,8 @@ def make_field(pos_crops: list, neg_crops: list, p: SynthParams = SynthParams())
                     gx = round(cx - w / 2) + xs.mean() + 0.5
                     gy = round(cy - h / 2) + ys.mean() + 0.5
                     placed.append((cx, cy, r))
-                    truth.append(Truth(float(gx), float(gy), r, lab, name))
+                    truth.append(Truth(float(gx), float(gy), r, lab, name, (round(cx - w / 2), round(cy - h / 2)),
+                                       k if lab != "White_Blood_Cell" else 0))
                 break
     # platelets in the gaps, as in a thin smear's monolayer, some touching a cell's rim (one lying on a
     # cell's middle is a purple dot no annotator would call, so none is put there)
@@ -191,7 +196,7 @@ def make_field(pos_crops: list, neg_crops: list, p: SynthParams = SynthParams())
     rgb = np.clip(canvas, 0, 255).astype(np.uint8)
     if p.scale != 1.0:
         rgb = cv2.resize(rgb, (round(W * p.scale), round(H * p.scale)), interpolation=cv2.INTER_AREA)
-        truth = [Truth(t.x * p.scale, t.y * p.scale, t.r * p.scale, t.label, t.source) for t in truth]
+        truth = [replace(t, x=t.x * p.scale, y=t.y * p.scale, r=t.r * p.scale) for t in truth]
     if p.jpeg_quality:
         ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality])
         rgb = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
