@@ -51,3 +51,15 @@ def test_every_shipped_classifier_is_calibrated_on_validation(path):
     card = read_card(path)
     assert card.temperature > 0 and card.calibration["fitted_on"].startswith("val split")
     assert card.calibration["test_ece_after"] <= 0.02
+
+
+def test_the_field_default_counts_behind_the_shipped_screen_and_its_counts_fit_that_rule():
+    from edge.operating import FAST, field_point, operating_point
+    m = load_classifier(default_model("field"))
+    assert field_point(m) == FAST
+    point = operating_point(m, FAST)  # the screen's sha256 matches the shipped file
+    assert point.screen.model.path.resolve() == default_model("cell").resolve()
+    fast, alone = (m.card.operating_points[k]["counts"] for k in (FAST, "counting"))
+    assert fast["tp"] + fast["fn"] == alone["tp"] + alone["fn"] and fast["tn"] + fast["fp"] == alone["tn"] + alone["fp"]
+    assert fast["tp"] <= alone["tp"] and fast["fp"] <= alone["fp"]  # a screen only takes positive calls away
+    assert point.threshold == m.card.operating_points["counting"]["threshold"] >= point.screen.forward_at
