@@ -149,3 +149,11 @@ def test_the_screen_under_shift_only_ever_removes_positives(prepared):
     assert [r["shift"] for r in rows] == list(SHIFTS)
     for r in rows:  # a cleared cell is Uninfected, a forwarded one keeps the model's own call
         assert r["sensitivity"] <= r["sensitivity_alone"] and r["specificity"] >= r["specificity_alone"]
+
+
+def test_a_screen_for_a_model_that_calls_nothing_positive_is_a_clear_error():
+    from train.data import DataError
+    ls = LabelledSet(np.zeros((2, 1, 1, 3), np.uint8), np.array([1, 0]), ["g"] * 2, [""] * 2, "val")
+    with pytest.raises(DataError, match="no validation cell positive"):
+        screened_point({"val": (ls, np.array([.5, .1]))}, {"val": (ls, np.array([.5, .1]))},
+                       {"threshold": 0.9, "rule": "specificity"}, "s", "abc")

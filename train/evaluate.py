@@ -150,12 +150,12 @@ def set_operating_points(sets: dict[str, tuple[LabelledSet, np.ndarray]]) -> dic
     ops = M.operating_points(val.labels, p_val)
     if "test" in sets:
         for op in ops.values():
-            op["test"] = test_rates(*sets["test"], op["threshold"])
+            op["test"] = split_rates(*sets["test"], op["threshold"])
     return ops
 
 
-def test_rates(test: LabelledSet, p: np.ndarray, threshold: float) -> dict:
-    r = M.report(test.labels, p, test.groups, threshold, reps=500)
+def split_rates(ls: LabelledSet, p: np.ndarray, threshold: float) -> dict:
+    r = M.report(ls.labels, p, ls.groups, threshold, reps=500)
     return {"n": r["n"], "n_groups": r["n_groups"], "sensitivity": r["recall"], "specificity": r["specificity"],
             "ci95": {"sensitivity": [round(v, 4) for v in r["ci95"]["recall"]],
                      "specificity": [round(v, 4) for v in r["ci95"]["specificity"]]}}
@@ -174,6 +174,9 @@ def screened_point(sets: dict, screen_sets: dict, counting: dict, screen_ref: st
     (val, p_val), (_, s_val) = sets["val"], screen_sets["val"]
     thr = counting["threshold"]
     called = np.sort(s_val[p_val >= thr])
+    if len(called) == 0:
+        from train.data import DataError
+        raise DataError("the deciding model calls no validation cell positive at counting: nothing to screen for")
     # never above the threshold: a cleared cell's P is the screen's and must stay an Uninfected call
     forward_at = min(float(called[int(np.floor((1 - keep) * len(called)))]), thr)
 
@@ -188,7 +191,7 @@ def screened_point(sets: dict, screen_sets: dict, counting: dict, screen_ref: st
                                       "parasitized": float(fwd[val.labels == 1].mean())}}
     if "test" in sets:
         (test, p_test), (_, s_test) = sets["test"], screen_sets["test"]
-        op["test"] = test_rates(test, rule(p_test, s_test), thr)
+        op["test"] = split_rates(test, rule(p_test, s_test), thr)
         op["test"]["agreement_with_counting"] = float(np.mean((rule(p_test, s_test) >= thr) == (p_test >= thr)))
     return op
 
