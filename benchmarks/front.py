@@ -40,6 +40,8 @@ def describe(c) -> str:
         bits.append("stride-2 stem")
     if t.get("batchnorm"):
         bits.append("BatchNorm")
+    if t.get("width") not in (None, 1, 1.0):
+        bits.append(f"width ×{t['width']:g}")
     if (t.get("excluded") or {}).get("images"):
         bits.append(f"{t['excluded']['images']} label issues left out")
     return ", ".join(bits)

@@ -173,6 +173,8 @@ def _switches(ctx, param, value):
 @click.option("--stem-stride", type=click.Choice(["1", "2"]), default="1", show_default=True,
               help="cnn: 2 makes the first convolution stride, 4x fewer operations at the same input size.")
 @click.option("--batchnorm", is_flag=True, help="cnn: BatchNorm after every convolution (folded away at export).")
+@click.option("--width", type=click.FloatRange(0.25, 4), default=1.0, show_default=True,
+              help="cnn: filter multiplier (blocks of 16, 32, 64, 128 filters × width).")
 @click.option("--patience", default=4, show_default=True, help="Early-stopping patience (epochs) on validation loss.")
 @click.option("--max-minutes", type=float, default=None,
               help="Time budget for all stages; training stops before an epoch would overrun it (best epoch kept).")
@@ -198,7 +200,7 @@ def _switches(ctx, param, value):
                    "only score it, e.g. after training elsewhere).")
 @_fail_cleanly
 def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, weights, alpha, stem_stride, batchnorm,
-              patience, max_minutes, workers, mixed_precision, max_train, max_val, target_sensitivity, field_crops, augment, exclude, init):
+              width, patience, max_minutes, workers, mixed_precision, max_train, max_val, target_sensitivity, field_crops, augment, exclude, init):
     """Train a recipe on the patient-grouped train split, pick the best epoch on validation,
     then report test metrics with 95% CIs and write the model card and plots."""
     from train.data import load_prepared
@@ -208,7 +210,7 @@ def train_cmd(recipe, data_dir, out, epochs, finetune_epochs, batch, lr, seed, w
     data = load_prepared(data_dir)
     cfg = TrainConfig(recipe=recipe, epochs=epochs, finetune_epochs=finetune_epochs, batch=batch, lr=lr, seed=seed,
                       weights=weights, alpha=alpha, stem_stride=int(stem_stride),
-                      batchnorm=batchnorm, patience=patience, max_minutes=max_minutes, workers=workers,
+                      batchnorm=batchnorm, width=width, patience=patience, max_minutes=max_minutes, workers=workers,
                       mixed_precision=mixed_precision,
                       max_train=max_train, max_val=max_val, field_crops=field_crops, init=str(init) if init else None,
                       exclude=str(exclude) if exclude else None, augment=augment,

@@ -41,6 +41,13 @@ def test_cnn_batchnorm_keeps_the_gradcam_layer_and_adds_one_norm_per_convolution
     assert m.get_layer("last_conv").output.shape[1:] == (8, 8, 128)
 
 
+def test_cnn_width_multiplies_every_blocks_filters():
+    from train.train import TrainConfig, build
+    half, double = build(TrainConfig(width=0.5), 64), build(TrainConfig(width=2.0), 64)
+    filters = [[l.filters for l in m.layers if isinstance(l, keras.layers.Conv2D)] for m in (half, double)]
+    assert filters == [[8, 16, 32, 64], [32, 64, 128, 256]]
+
+
 def test_imagenet_weights_offline_is_one_clear_line(monkeypatch):
     import keras.src.applications.mobilenet_v2 as mv
 

@@ -17,7 +17,10 @@ class WeightsError(RuntimeError):
     """ImageNet weights unreachable or a weights file that does not fit."""
 
 
-def build_cnn(size: int = 128, filters=(16, 32, 64, 128), dropout: float = 0.5, stem_stride: int = 1,
+CNN_FILTERS = (16, 32, 64, 128)  # the custom CNN's blocks at width 1
+
+
+def build_cnn(size: int = 128, filters=CNN_FILTERS, dropout: float = 0.5, stem_stride: int = 1,
               batchnorm: bool = False) -> keras.Model:
     """Custom CNN: Conv → MaxPool → Dropout blocks → Dense → sigmoid.
 

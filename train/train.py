@@ -16,7 +16,7 @@ import numpy as np
 
 from edge.card import ModelCard, sha256_file, write_card
 from train.data import Prepared
-from train.models import base_layer_names, build_cnn, build_mobilenetv2, gradcam_layer_for, set_base_trainable
+from train.models import CNN_FILTERS, base_layer_names, build_cnn, build_mobilenetv2, gradcam_layer_for, set_base_trainable
 
 FINETUNE_FROM = "block_13_expand"  # the top three inverted-residual blocks + Conv_1
 
@@ -166,6 +166,7 @@ class TrainConfig:
     alpha: float = 1.0
     stem_stride: int = 1  # cnn: 2 makes the first convolution stride (4x fewer operations)
     batchnorm: bool = False  # cnn: BatchNorm after every convolution
+    width: float = 1.0  # cnn: filter multiplier (16, 32, 64, 128 × width)
     patience: int = 4
     max_minutes: float | None = None  # time budget for all stages; each stops before overrunning its share
     workers: int = 1  # threads preparing batches
@@ -181,7 +182,8 @@ class TrainConfig:
 
 def build(cfg: TrainConfig, size: int) -> keras.Model:
     if cfg.recipe == "cnn":
-        return build_cnn(size, stem_stride=cfg.stem_stride, batchnorm=cfg.batchnorm)
+        return build_cnn(size, filters=tuple(max(4, round(f * cfg.width)) for f in CNN_FILTERS),
+                         stem_stride=cfg.stem_stride, batchnorm=cfg.batchnorm)
     return build_mobilenetv2(size, weights=cfg.weights, alpha=cfg.alpha)
 
 
@@ -291,7 +293,8 @@ def train(data: Prepared, cfg: TrainConfig, out: Path) -> tuple[keras.Model, dic
         "recipe": cfg.recipe, "epochs": epoch0, "stages": per_stage, "augmentation": augmentation_of(cfg), "batch": cfg.batch, "lr": cfg.lr,
         "seed": cfg.seed, "alpha": cfg.alpha if cfg.recipe != "cnn" else None,
         "stem_stride": cfg.stem_stride if cfg.recipe == "cnn" else None,
-        "batchnorm": cfg.batchnorm if cfg.recipe == "cnn" else None, "init": cfg.init,
+        "batchnorm": cfg.batchnorm if cfg.recipe == "cnn" else None,
+        "width": cfg.width if cfg.recipe == "cnn" else None, "init": cfg.init,
         "max_minutes": cfg.max_minutes, "train_images": int(len(tr)),
         "excluded": {"file": cfg.exclude, "images": excluded} if cfg.exclude else None, "val_images": int(len(va)),
         "seconds": round(seconds, 1), "seconds_per_epoch": round(seconds / max(epoch0, 1), 1),
