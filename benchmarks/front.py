@@ -104,14 +104,20 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, key, name in ((axes[0], "accuracy", "accuracy"), (axes[1], "auc", "AUC")):
+        xs = [r["int8_p50_ms"] for r in res["rows"]]
+        ys = [v for r in res["rows"] for v in (r.get(f"val_{key}"), r.get(f"test_{key}")) if v is not None]
+        xr, yr = (max(xs) - min(xs)) or 1, (max(ys) - min(ys)) or 1
+        placed = []  # label anchors so far: a label near one already placed moves down a line
         for r in res["rows"]:
             for split, marker in (("val", "o"), ("test", "s")):
                 v = r.get(f"{split}_{key}")
                 if v is not None:
                     ax.scatter(r["int8_p50_ms"], v, marker=marker, color="C0" if split == "val" else "C1",
                                label=split if r is res["rows"][0] else None)
-            ax.annotate(_short(r["what"]), (r["int8_p50_ms"], r.get(f"val_{key}") or 0), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
+            x, y = r["int8_p50_ms"], r.get(f"val_{key}") or 0
+            clash = sum(abs(x - px) < 0.25 * xr and abs(y - py) < 0.04 * yr for px, py in placed)
+            placed.append((x, y))
+            ax.annotate(_short(r["what"]), (x, y), fontsize=7, xytext=(4, 4 - 9 * clash), textcoords="offset points")
         ax.set_xlabel(f"int8 TFLite p50 ms (batch 1, {res['threads']} threads)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
