@@ -26,6 +26,8 @@ class QualityParams:
     min_roundness: float = 0.6  # median 4πA/P² of the accepted cells: blobs of noise are not round
     min_background: float = 60.0  # green level between cells: below this the field is too dark
     max_clipped: float = 0.25  # share of field pixels saturated in all channels
+    min_colour: float = 8.0  # median chroma (max − min channel) in the field: below, a grayscale or monochrome image,
+    # which the classifier (trained on stained colour) cannot read; the real NIH fields have ~74
     min_cells: int = 10
     min_coverage: float = 0.05  # red-cell area / field area
     max_coverage: float = 0.95
@@ -111,18 +113,24 @@ def quality(rgb: np.ndarray, det: Detection, q: QualityParams) -> tuple[str, dic
     inside = det.eyepiece if det.eyepiece is not None else np.ones(work.shape[:2], bool)
     sharp = focus(rgb, det, q)
     clipped = float(np.mean(work[inside].min(axis=1) >= 250)) if inside.any() else 0.0
+    chroma = cv2.subtract(cv2.max(cv2.max(work[..., 0], work[..., 1]), work[..., 2]),
+                          cv2.min(cv2.min(work[..., 0], work[..., 1]), work[..., 2]))
+    colour = float(np.median(chroma[inside])) if inside.any() else 0.0
     ok = det.accepted
     area = sum(c.area_px for c in ok) * det.scale ** 2
     coverage = float(area / max(1, inside.sum()))
     roundness = float(np.median([c.roundness for c in ok])) if ok else 0.0
     m = {"focus": round(sharp, 4), "roundness": round(roundness, 3), "background_level": round(det.background_level, 1),
-         "clipped": round(clipped, 4), "coverage": round(coverage, 3), "cells": len(ok)}
+         "clipped": round(clipped, 4), "colour": round(colour, 1), "coverage": round(coverage, 3), "cells": len(ok)}
     if det.note and not ok:
         return det.note, m
     if det.background_level < q.min_background:
         return f"too dark (background level {det.background_level:.0f} < {q.min_background:.0f})", m
     if clipped > q.max_clipped:
         return f"overexposed ({clipped:.0%} of the field saturated)", m
+    if colour < q.min_colour:
+        return (f"no stain colour (chroma {colour:.0f} < {q.min_colour:.0f}: a grayscale or monochrome image); the "
+                "classifier needs the stain's colour", m)
     if sharp < q.min_focus:
         return f"out of focus (sharpness {sharp:.3f} < {q.min_focus})", m
     if len(ok) < q.min_cells:

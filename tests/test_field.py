@@ -351,3 +351,10 @@ def test_a_session_keeps_counts_not_the_pixels_of_each_field(tmp_path):
     (res,) = session.fields
     assert code == 0 and res.rbc > 250 and res.detection is None and not res.crops
     assert "data:image/jpeg;base64," in (sdir / "report.html").read_text()
+
+
+def test_quality_gate_rejects_a_grayscale_field(real_field):
+    grey = np.repeat(cv2.cvtColor(real_field, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+    reason, m = quality(grey, detect(grey), QualityParams())
+    assert "no stain colour" in reason and m["colour"] == 0
+    assert quality(real_field, detect(real_field), QualityParams())[1]["colour"] > 50
