@@ -238,7 +238,7 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
     opts = FieldOptions.at(point)
     from benchmarks.hardware import machine
     res = {"model": str(model_path), "operating_point": point.name, "threshold": point.threshold,
-           "counts": point.counts, "point": describe(point.name, point.threshold, point.screen),
+           "counts": point.counts, "point": describe(point),
            "screen": None if point.screen is None else {"model": point.screen.model.path.name,
                                                          "forward_at": point.screen.forward_at},
            "machine": machine()}

@@ -207,7 +207,7 @@ def fields_tab(models: dict[str, Path]) -> None:
         st.error(str(e))
         return
     opts = FieldOptions.at(point, target_cells=int(target))
-    st.caption(f"Counting at {describe(op, point.threshold, point.screen)}; the parasitemia is corrected for the "
+    st.caption(f"Counting at {describe(point)}; the parasitemia is corrected for the "
                "sensitivity and specificity measured there.")
     files = list(st.file_uploader("Field photos (a whole microscope field each)", type=TYPES,
                                   accept_multiple_files=True, key="fields") or [])

@@ -16,7 +16,7 @@ import numpy as np
 from edge.card import calibrated, label_of
 from edge.gradcam import classes_to_explain
 from edge.images import load_image
-from edge.operating import Screen, field_point, operating_point as point_of, predict
+from edge.operating import OperatingPoint, Screen, field_point, operating_point as point_of, predict
 from edge.preprocess import resize_rgb
 from edge.runtime import Loaded, ModelError, default_model, load_classifier, load_explainer_for
 
@@ -37,9 +37,21 @@ class Classifier:
     model: Loaded
     threshold: float
     explainer: Loaded | None = None
-    operating_point: str | None = None
-    counts: dict | None = None  # the operating point's validation confusion counts (field mode corrects with them)
-    screen: Screen | None = None  # a screened operating point's fast first model
+    point: OperatingPoint | None = None  # the named operating point loaded, when one was asked for
+
+    @property
+    def operating_point(self) -> str | None:
+        return self.point and self.point.name
+
+    @property
+    def counts(self) -> dict | None:
+        """The operating point's validation confusion counts (field mode corrects with them)."""
+        return self.point and self.point.counts
+
+    @property
+    def screen(self) -> Screen | None:
+        """A screened operating point's fast first model."""
+        return self.point and self.point.screen
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, mode: str = "cell", threshold: float | None = None,
@@ -58,7 +70,7 @@ class Classifier:
         if not 0 < thr < 1:
             raise ModelError(f"threshold {thr} must be between 0 and 1")
         explainer = load_explainer_for(model, threads) if gradcam else None
-        return cls(model, thr, explainer, operating_point, point and point.counts, point and point.screen)
+        return cls(model, thr, explainer, point)
 
     @property
     def size(self) -> int:

@@ -125,10 +125,9 @@ def main(paths, model_path, camera, video, gradcam, panel, out, output, fmt, thr
             from edge.detect import DetectParams
             from edge.field import FieldOptions
             from edge.operating import describe
-            fopts = FieldOptions(clf.threshold, clf.counts, clf.operating_point, target_cells, rbc_per_ul, batch,
-                                 DetectParams(cell_diameter=cell_diameter), screen=clf.screen)
-            click.echo(f"{clf.model.path.name}: counting at {describe(clf.operating_point, clf.threshold, clf.screen)}",
-                       err=True)
+            fopts = FieldOptions.at(clf.point, target_cells=target_cells, rbc_per_ul=rbc_per_ul, batch=batch,
+                                    detect=DetectParams(cell_diameter=cell_diameter))
+            click.echo(f"{clf.model.path.name}: counting at {describe(clf.point)}", err=True)
             sys.exit(run_field(list(paths), camera, video, clf, opts, fopts))
         if camera is not None or video is not None:
             from edge.live import run_live

@@ -79,8 +79,9 @@ def predict(model: Loaded, x: np.ndarray, screen: Screen | None = None) -> np.nd
     return p
 
 
-def describe(name: str, threshold: float, screen: Screen | None) -> str:
-    s = f"the {name} operating point (threshold {threshold:.4f})"
-    if screen:
-        s += f", screened by {Path(screen.model.path).name} (cells it gives P < {screen.forward_at:.3f} are Uninfected)"
+def describe(point: OperatingPoint) -> str:
+    s = f"the {point.name} operating point (threshold {point.threshold:.4f})"
+    if point.screen:
+        s += (f", screened by {Path(point.screen.model.path).name} (cells it gives P < {point.screen.forward_at:.3f} "
+              "are Uninfected)")
     return s
