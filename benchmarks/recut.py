@@ -25,26 +25,21 @@ from edge.images import load_image
 from edge.operating import operating_point
 from edge.preprocess import resize_rgb
 from edge.runtime import default_model, load_classifier
+from train.fieldpool import patient_crops
 from train.fieldscore import contains
-from train.synthetic import SynthParams, cell_mask, load_crops, make_field
+from train.synthetic import SynthParams, cell_mask, make_field
 
 CLEAN = dict(vignette=0, noise=0, jpeg_quality=None, wbc=0, platelets=0)
 WAYS = ("nih_crop", "own_mask_in_field", "own_mask_in_detector_box", "field_mode")
 
 
-def four_ways(model, data_dir: Path, crops_root: Path, fields_per_group: int = 2, parasitemia: float = 0.05,
+def four_ways(model, groups: dict[str, tuple[list, list]], fields_per_group: int = 2, parasitemia: float = 0.05,
               seed: int = 7000, log=print) -> dict:
-    from train.data import load_prepared
+    """groups: the validation patients' crops (train.fieldpool.patient_crops)."""
     point = operating_point(model, "counting")
     opts = FieldOptions.at(point)
-    d = load_prepared(data_dir)
-    idx = d.indices("val")
-    groups = load_crops(crops_root, [d.relpaths[i] for i in idx], [int(d.labels[i]) for i in idx],
-                        [d.groups[i] for i in idx])
     y, probs, outside, k = [], {w: [] for w in WAYS}, [], 0
     for _, (pos, neg) in sorted(groups.items()):
-        if not pos or not neg:
-            continue
         source = dict(pos + neg)
         for _ in range(fields_per_group):
             f = make_field(pos, neg, SynthParams(parasitemia=parasitemia, seed=seed + k, **CLEAN))
@@ -154,15 +149,9 @@ def crowding(dets: list[Detection]) -> dict:
     return {"regions": int(len(s)), "touching": float(np.mean(s > 0)), "median_shared_rim": float(np.median(s))}
 
 
-def synthetic_crowding(data_dir: Path, crops_root: Path, fields: int = 8, seed: int = 9000) -> dict:
-    from train.data import load_prepared
-    d = load_prepared(data_dir)
-    idx = d.indices("val")
-    groups = load_crops(crops_root, [d.relpaths[i] for i in idx], [int(d.labels[i]) for i in idx],
-                        [d.groups[i] for i in idx])
-    both = [(pos, neg) for pos, neg in groups.values() if pos and neg][:fields]
+def synthetic_crowding(groups: dict[str, tuple[list, list]], fields: int = 8, seed: int = 9000) -> dict:
     return crowding([detect(make_field(pos, neg, SynthParams(parasitemia=0.05, seed=seed + j)).rgb)
-                     for j, (pos, neg) in enumerate(both)])
+                     for j, (pos, neg) in enumerate(list(groups.values())[:fields])])
 
 
 def markdown(r: dict) -> str:
@@ -195,11 +184,12 @@ def markdown(r: dict) -> str:
 def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, out: Path, log=print) -> dict:
     model = load_classifier(model_path)
     from benchmarks.hardware import machine
+    groups = patient_crops(data_dir, crops_root, "val")  # read once, for both synthetic measurements
     log("the same cells cut four ways")
-    res = {"model": str(model_path), "machine": machine(), "four_ways": four_ways(model, data_dir, crops_root, log=log)}
+    res = {"model": str(model_path), "machine": machine(), "four_ways": four_ways(model, groups, log=log)}
     log("the real slide")
     res["real_slide"] = real_slide(fields_root, crops_root, log=log)
-    res["synthetic_crowding"] = synthetic_crowding(data_dir, crops_root)
+    res["synthetic_crowding"] = synthetic_crowding(groups)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "recut.json", json.dumps(res, indent=1, default=float) + "\n")
     atomic_write_text(out / "recut.md", markdown(res))

@@ -24,19 +24,23 @@ VARIANTS = [dict(), dict(blur=2.0), dict(scale=0.5), dict(eyepiece=True), dict(s
 POOL_PARASITEMIA = 0.1  # enough infected cells to measure sensitivity; few infected neighbours per cell
 
 
-def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, split: str = "val",
-               fields_per_group: int = 2, parasitemia: float = POOL_PARASITEMIA, seed: int = 1000,
-               log=print) -> dict:
-    """(true label, P(Parasitized)) of every found cell of synthetic fields from one split's infected patients."""
+def patient_crops(data_dir: Path, crops_root: Path, split: str) -> dict[str, tuple[list, list]]:
+    """patient group → (its Parasitized crops, its Uninfected crops) for one split's groups that have both:
+    the patients a synthetic field at a chosen parasitemia can be composed from (a field is one slide)."""
     from train.data import load_prepared
     d = load_prepared(data_dir)
     idx = d.indices(split)
     groups = load_crops(crops_root, [d.relpaths[i] for i in idx], [int(d.labels[i]) for i in idx],
                         [d.groups[i] for i in idx])
+    return {g: (pos, neg) for g, (pos, neg) in groups.items() if pos and neg}
+
+
+def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, split: str = "val",
+               fields_per_group: int = 2, parasitemia: float = POOL_PARASITEMIA, seed: int = 1000,
+               log=print) -> dict:
+    """(true label, P(Parasitized)) of every found cell of synthetic fields from one split's infected patients."""
     labels, probs, n_gt, n_found, n_det, n_correct, k = [], [], 0, 0, 0, 0, 0
-    for g, (pos, neg) in sorted(groups.items()):
-        if not pos or not neg:
-            continue
+    for g, (pos, neg) in sorted(patient_crops(data_dir, crops_root, split).items()):
         for j in range(fields_per_group):
             f = make_field(pos, neg, SynthParams(parasitemia=parasitemia, seed=seed + k, **VARIANTS[k % len(VARIANTS)]))
             k += 1

@@ -159,15 +159,13 @@ def make_field(pos_crops: list, neg_crops: list, p: SynthParams = SynthParams())
             cx, cy = rng.uniform(r, W - r), rng.uniform(r, H - r)
             f = rng.uniform(*p.spacing)
             if all((cx - x) ** 2 + (cy - y) ** 2 >= (f * (r + rr)) ** 2 for x, y, rr in placed):
-                ys, xs = np.nonzero(mask)
                 # the truth point is the centroid of the mask, which the paste centres on its box
                 if _paste(canvas, img, mask, cx, cy, light):
-                    h, w = mask.shape
-                    gx = round(cx - w / 2) + xs.mean() + 0.5
-                    gy = round(cy - h / 2) + ys.mean() + 0.5
+                    ys, xs = np.nonzero(mask)
+                    x0, y0 = round(cx - mask.shape[1] / 2), round(cy - mask.shape[0] / 2)  # as _paste lays it
                     placed.append((cx, cy, r))
-                    truth.append(Truth(float(gx), float(gy), r, lab, name, (round(cx - w / 2), round(cy - h / 2)),
-                                       k if lab != "White_Blood_Cell" else 0))
+                    truth.append(Truth(float(x0 + xs.mean() + 0.5), float(y0 + ys.mean() + 0.5), r, lab, name,
+                                       (x0, y0), k if lab != "White_Blood_Cell" else 0))
                 break
     # platelets in the gaps, as in a thin smear's monolayer, some touching a cell's rim (one lying on a
     # cell's middle is a purple dot no annotator would call, so none is put there)
