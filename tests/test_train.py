@@ -129,6 +129,39 @@ def test_time_budget_stops_training_after_an_epoch_and_says_so(prepared, tmp_pat
     assert info["stages"][0]["backend"] == keras.backend.backend() and (tmp_path / "run" / "model.keras").exists()
 
 
+def _fit_with_step_delays(first: float, rest: float, budget: float, epochs: int = 8):
+    """A tiny fit whose first training step takes `first` seconds (as compilation does) and every
+    later step `rest`, under a Deadline `budget` seconds away; returns (epochs run, stopped, seconds)."""
+    import time
+    from train.train import Deadline
+
+    class Delays(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            time.sleep(first if not hasattr(self, "seen") else rest)
+            self.seen = True
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    x, y = np.zeros((16, 2), "float32"), np.zeros((16, 1), "float32")
+    t0 = time.time()
+    deadline = Deadline(t0 + budget)
+    h = model.fit(x, y, batch_size=2, epochs=epochs, validation_data=(x, y), callbacks=[Delays(), deadline], verbose=0)
+    return len(h.history["loss"]), deadline.stopped, time.time() - t0
+
+
+def test_time_budget_does_not_count_a_slow_first_step_as_the_pace_of_every_epoch():
+    # 8 steps an epoch: 2.0 s + 7 x 0.02 s, then about 0.2 s an epoch; budget 3 s. Projecting the
+    # whole first epoch (over 2 s) would stop after it; the steady pace leaves room for more.
+    epochs, stopped, _ = _fit_with_step_delays(first=2.0, rest=0.02, budget=3.0)
+    assert stopped and epochs >= 2
+
+
+def test_time_budget_still_stops_before_a_steadily_slow_epoch_would_overrun():
+    # 0.1 s a step, about 0.9 s an epoch: a 2.5 s budget has room for two or three of the eight.
+    epochs, stopped, _ = _fit_with_step_delays(first=0.1, rest=0.1, budget=2.5)
+    assert stopped and 2 <= epochs <= 3
+
+
 def test_rescoring_a_model_trained_elsewhere_keeps_its_training_record(tiny_model, prepared, tmp_path):
     """`train --init M --epochs 0` (e.g. after a GPU run) scores the test split and keeps M's record."""
     import shutil
