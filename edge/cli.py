@@ -224,8 +224,9 @@ def run_field(paths, camera, video, clf: Classifier, opts: RunOptions, fopts) ->
     e = session.estimate()
     lo, hi = e.parasitemia_ci95
     pct = "n/a" if e.rbc_count == 0 else f"{e.parasitemia_percent:.2f}% (95% interval {lo:.2f}-{hi:.2f}%)"
+    raw = "n/a" if e.rbc_count == 0 else f"{e.raw_percent:.2f}%"
     click.echo(f"parasitemia {pct}; {e.positive_count} of {e.rbc_count} red cells called parasitized "
-               f"(raw {e.raw_percent:.2f}%); target {fopts.target_cells} "
+               f"(raw {raw}); target {fopts.target_cells} "
                f"{'reached' if session.target_reached else 'NOT reached'}; "
                f"{sum(f.status != 'ok' for f in session.fields)} of {len(session.fields)} fields not counted")
     click.echo(f"report: {sdir / 'report.html'}", err=True)

@@ -76,6 +76,8 @@ def write_html(out: Path, summary: dict, overlays: list[tuple[str, str]],
     e = summary
     lo, hi = e["parasitemia_ci95"]
     pct = "n/a" if e["parasitemia_percent"] is None else f"{e['parasitemia_percent']:.2f}%"
+    raw = "n/a" if e["raw_positive_percent"] is None else f"{e['raw_positive_percent']:.2f}%"
+    per_ul = "n/a" if e["parasites_per_ul"] is None else f"{e['parasites_per_ul']:,.0f}"
     sc = e.get("screen")
     screen = (f", behind the screen {html.escape(sc['model'])} (cells it gives P &lt; {sc['forward_at']:.3f} are "
               "uninfected; the counts above were measured for that whole rule)") if sc else ""
@@ -98,10 +100,10 @@ figure{{display:inline-block;margin:4px}} figure img{{max-width:680px}} .cell{{d
 font-size:.85em;text-align:center;vertical-align:top}} .warn{{background:#fff3cd;padding:.5em}}</style></head><body>
 <h1>Session report</h1>
 <p class="warn">Research use only, not a diagnosis: a trained microscopist must confirm every positive cell below.</p>
-<p class="big">Parasitemia <b>{pct}</b> (95% interval {lo:.2f}–{hi:.2f}%) · {e['parasites_per_ul'] or 0:,.0f}
+<p class="big">Parasitemia <b>{pct}</b> (95% interval {lo:.2f}–{hi:.2f}%) · {per_ul}
 parasites/µL (interval {e['parasites_per_ul_ci95'][0]:,.0f}–{e['parasites_per_ul_ci95'][1]:,.0f}, assuming
 {e['rbc_per_ul_assumed']:,.0f} red cells/µL)</p>
-<p>{e['positive_count']} of {e['rbc_count']} red cells called parasitized (raw share {e['raw_positive_percent'] or 0:.2f}%);
+<p>{e['positive_count']} of {e['rbc_count']} red cells called parasitized (raw share {raw});
 target {e['target_cells']} red cells: {target}. Fields counted {e['fields_counted']}, rejected {e['fields_rejected']},
 failed {e['fields_failed']}. Median cell diameter {e['cell_diameter_px_median']} px.</p>
 <p>The estimate corrects the raw share for the classifier's errors at the <b>{e['operating_point']}</b> operating point

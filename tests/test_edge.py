@@ -31,6 +31,8 @@ def mixed_inputs(cell_files, tmp_path_factory):
     (d / "empty.png").write_bytes(b"")
     (d / "corrupt.webp").write_bytes(good[0].read_bytes()[:200])
     (d / "text.jpg").write_text("hello")
+    grey = cv2.cvtColor(load_image(good[0]), cv2.COLOR_RGB2GRAY)  # a monochrome camera's picture of a real cell
+    cv2.imwrite(str(d / "grey.png"), grey)
     return d
 
 
@@ -38,13 +40,22 @@ def test_folder_with_bad_files_gives_error_rows_and_exit_1(exported, mixed_input
     res = infer(mixed_inputs, "--model", exported / "tiny_int8.tflite", "--output", tmp_path / "r.csv")
     assert res.returncode == 1, res.stderr
     rows = list(csv.DictReader(open(tmp_path / "r.csv")))
-    assert len(rows) == 6
+    assert len(rows) == 7
     bad = {os.path.basename(r["path"]): r for r in rows if r["status"] == "error"}
-    assert set(bad) == {"empty.png", "corrupt.webp", "text.jpg"}
+    assert set(bad) == {"empty.png", "corrupt.webp", "text.jpg", "grey.png"}
     assert bad["empty.png"]["error"] == "empty file" and bad["empty.png"]["prob_parasitized"] == ""
+    assert bad["grey.png"]["error"].startswith("no stain colour")
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(r["label"] in ("Parasitized", "Uninfected") and 0 <= float(r["prob_parasitized"]) <= 1 for r in ok)
-    assert "3 errors" in res.stderr
+    assert "4 errors" in res.stderr
+
+
+def test_every_real_cell_crop_has_stain_colour_and_its_grey_copy_has_none(cell_files):
+    from edge.infer import not_a_cell
+    rgbs = [load_image(p) for p in cell_files]
+    assert all(not_a_cell(rgb, 128) == "" for rgb in rgbs)
+    greys = [np.repeat(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2) for rgb in rgbs]
+    assert all(not_a_cell(g, 128).startswith("no stain colour") for g in greys)
 
 
 def test_single_file_glob_and_missing_file(exported, cell_files, tmp_path):

@@ -263,6 +263,16 @@ def test_huge_image_is_a_clear_error(tmp_path):
     assert res.returncode == 1 and "too large" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_a_session_of_only_unreadable_fields_fails_and_reports_no_rates(tmp_path):
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes(Path(FIELD).read_bytes()[:20000])
+    res = infer("--field", bad, "--out", tmp_path / "o")
+    assert res.returncode == 1 and "truncated or corrupt" in res.stdout + res.stderr
+    assert "parasitemia n/a" in res.stdout and "(raw n/a)" in res.stdout and "nan" not in res.stdout
+    (sdir,) = list((tmp_path / "o").iterdir())
+    assert "raw share n/a" in (sdir / "report.html").read_text()
+
+
 def test_field_mode_needs_operating_points_in_the_card(exported, tmp_path):
     res = infer("--field", FIELD, "--model", exported / "tiny_int8.tflite", "--out", tmp_path)
     assert res.returncode == 1 and "operating point" in res.stderr and "Traceback" not in res.stderr
