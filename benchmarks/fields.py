@@ -183,6 +183,22 @@ def pool_summary(pool: dict, threshold: float) -> dict:
             "specificity": float(np.mean(p[y == 0] < threshold))}
 
 
+def by_condition(pools: dict[float, dict], threshold: float) -> list[dict]:
+    """The session pools together, split by the imaging condition each field was made under: which
+    conditions cost detection, sensitivity or specificity."""
+    from train.fieldpool import CONDITIONS
+    rows = []
+    for v, name in enumerate(CONDITIONS):
+        y = np.concatenate([q["labels"][q["conditions"] == v] for q in pools.values()])
+        p = np.concatenate([q["probs"][q["conditions"] == v] for q in pools.values()])
+        gt = sum(int(q["gt_by_condition"][v]) for q in pools.values())
+        found = sum(int(q["found_by_condition"][v]) for q in pools.values())
+        rows.append({"condition": name, "recall": found / max(gt, 1), "cells": int(len(y)), "infected": int(y.sum()),
+                     "sensitivity": float(np.mean(p[y == 1] >= threshold)) if y.any() else None,
+                     "specificity": float(np.mean(p[y == 0] < threshold)) if (y == 0).any() else None})
+    return rows
+
+
 def speed(model, points: dict[str, FieldOptions], real_photo: Path, crops_root: Path, data_dir: Path,
           repeats: int = 5) -> dict:
     """Median ms per field for each operating point: a 1280×960 synthetic field of ~200 cells, and a
@@ -248,6 +264,7 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
     pools = {pi: field_pool(data_dir, crops_root, model, opts, split="test", parasitemia=pi,
                             fields_per_group=fields_per_group, log=log) for pi in levels}
     res["sessions"] = simulate_sessions(pools, opts, sessions=sessions)
+    res["pools_by_condition"] = by_condition(pools, point.threshold)
     log("every shipped classifier on the real fields' crops")
     from edge.runtime import installed_classifiers
     shipped = [p for p, _ in installed_classifiers()]
@@ -304,6 +321,15 @@ def markdown(r: dict) -> str:
         sens = f"{q['sensitivity']:.3f}" if q["sensitivity"] is not None else "–"
         lines.append(f"| {x['parasitemia_percent']:.1f}% | {q['fields']} | {q['recall']:.4f} | {q['precision']:.4f} | "
                      f"{q['cells']} | {q['infected']} | {sens} | {q['specificity']:.4f} |")
+    if r.get("pools_by_condition"):
+        lines += ["", "The three pools together, by the imaging condition each field was made under "
+                  "(the pools cycle through them):", "",
+                  "| condition | detection recall | cells | infected | sensitivity | specificity |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for x in r["pools_by_condition"]:
+            sens = f"{x['sensitivity']:.3f}" if x["sensitivity"] is not None else "–"
+            spec = f"{x['specificity']:.4f}" if x["specificity"] is not None else "–"
+            lines.append(f"| {x['condition']} | {x['recall']:.4f} | {x['cells']} | {x['infected']} | {sens} | {spec} |")
     if r.get("screen_under_shift"):
         lines += ["", "## The screen under stain and camera shifts (validation crops)", "",
                   f"Each shift applied to every validation crop; {r['operating_point']} against the deciding model "

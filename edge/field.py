@@ -11,6 +11,7 @@ import numpy as np
 
 from edge.card import label_of
 from edge.detect import Detection, DetectParams, crop, detect
+from edge.images import GREY_CHROMA, stain_colour
 from edge.parasitemia import RBC_PER_UL, Estimate, estimate
 from edge.preprocess import resize_rgb
 from edge.operating import OperatingPoint, Screen, predict
@@ -26,8 +27,8 @@ class QualityParams:
     min_roundness: float = 0.6  # median 4πA/P² of the accepted cells: blobs of noise are not round
     min_background: float = 60.0  # green level between cells: below this the field is too dark
     max_clipped: float = 0.25  # share of field pixels saturated in all channels
-    min_colour: float = 8.0  # median chroma (max − min channel) in the field: below, a grayscale or monochrome image,
-    # which the classifier (trained on stained colour) cannot read; the real NIH fields have ~74
+    min_colour: float = GREY_CHROMA  # stain colour (edge.images.stain_colour) in the field: below, a grayscale or
+    # monochrome image, which the classifier (trained on stained colour) cannot read
     min_cells: int = 10
     min_coverage: float = 0.05  # red-cell area / field area
     max_coverage: float = 0.95
@@ -113,9 +114,7 @@ def quality(rgb: np.ndarray, det: Detection, q: QualityParams) -> tuple[str, dic
     inside = det.eyepiece if det.eyepiece is not None else np.ones(work.shape[:2], bool)
     sharp = focus(rgb, det, q)
     clipped = float(np.mean(work[inside].min(axis=1) >= 250)) if inside.any() else 0.0
-    chroma = cv2.subtract(cv2.max(cv2.max(work[..., 0], work[..., 1]), work[..., 2]),
-                          cv2.min(cv2.min(work[..., 0], work[..., 1]), work[..., 2]))
-    colour = float(np.median(chroma[inside])) if inside.any() else 0.0
+    colour = stain_colour(work, inside)
     ok = det.accepted
     area = sum(c.area_px for c in ok) * det.scale ** 2
     coverage = float(area / max(1, inside.sum()))
@@ -129,7 +128,7 @@ def quality(rgb: np.ndarray, det: Detection, q: QualityParams) -> tuple[str, dic
     if clipped > q.max_clipped:
         return f"overexposed ({clipped:.0%} of the field saturated)", m
     if colour < q.min_colour:
-        return (f"no stain colour (chroma {colour:.0f} < {q.min_colour:.0f}: a grayscale or monochrome image); the "
+        return (f"no stain colour (chroma {colour:.1f} < {q.min_colour:.0f}: a grayscale or monochrome image); the "
                 "classifier needs the stain's colour", m)
     if sharp < q.min_focus:
         return f"out of focus (sharpness {sharp:.3f} < {q.min_focus})", m

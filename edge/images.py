@@ -82,3 +82,18 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     except OSError as e:
         raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
     return decode_image(data, str(path), max_pixels)
+
+
+GREY_CHROMA = 3.0  # below: a grayscale or monochrome picture (0, or 1-2 after JPEG); every NIH crop has at least 5
+
+
+def stain_colour(rgb: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """The 99th percentile of max − min channel (over `mask` where given): how much colour the stain left.
+    A high percentile, not the median, so that a pale slide's colourful cells count and its pale
+    background does not (a median rejected fields composed from pale patients' real crops)."""
+    px = rgb[mask] if mask is not None else rgb.reshape(-1, 3)
+    step = max(1, len(px) // 200_000)  # a sample of pixels is enough
+    px = px[::step]
+    if len(px) == 0:
+        return 0.0
+    return float(np.percentile(px.max(axis=1).astype(np.int16) - px.min(axis=1), 99))

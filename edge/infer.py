@@ -10,7 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from edge.classifier import Classifier
-from edge.images import ImageError, is_image_path, load_image
+from edge.images import GREY_CHROMA, ImageError, is_image_path, load_image, stain_colour
 from edge.preprocess import resize_rgb
 from edge.results import Row
 from edge.runtime import cpu_count
@@ -40,7 +40,6 @@ class Decoded:
 
 FIELD_PIXELS = 36  # × the model's input area: an image this large is many cells, not one
 MAX_ASPECT = 3.0  # the NIH crops' longest side is at most 2.6× the shortest (1 of 22,061 over 2.5)
-GREY_CHROMA = 3  # 99th percentile of max − min channel: 0 for a grayscale image, at least 5 in every NIH crop
 
 
 def not_a_cell(rgb: np.ndarray, size: int) -> str:
@@ -50,9 +49,7 @@ def not_a_cell(rgb: np.ndarray, size: int) -> str:
         return f"{w}x{h} px looks like a whole field, not one cell: use --field"
     if max(h, w) > MAX_ASPECT * min(h, w):
         return f"{w}x{h} px is far from square: not a single cell crop (a field or a strip of cells? use --field)"
-    step = max(1, int(np.sqrt(h * w / 65536)))  # a sample of pixels is enough
-    px = rgb[::step, ::step].reshape(-1, 3)
-    if np.percentile(px.max(axis=1) - px.min(axis=1), 99) < GREY_CHROMA:
+    if stain_colour(rgb) < GREY_CHROMA:
         return "no stain colour (a grayscale or monochrome image): the classifier needs the stain's colour"
     return ""
 

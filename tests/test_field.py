@@ -310,6 +310,27 @@ def test_the_field_pool_keeps_each_found_cells_true_label_and_probability(export
     assert pool["fields"] >= 1 and pool["recall"] > 0.8
     assert len(pool["labels"]) == len(pool["probs"]) > 20 and set(pool["labels"]) <= {0, 1}
     assert pool["labels"].sum() >= 1 and np.all((pool["probs"] >= 0) & (pool["probs"] <= 1))
+    # each cell carries the imaging condition of its field; the first field is made sharp
+    assert len(pool["conditions"]) == len(pool["labels"]) and pool["conditions"][0] == 0
+    assert pool["gt_by_condition"].sum() == pool["gt"] and pool["found_by_condition"].sum() <= pool["gt"]
+
+
+def test_pools_split_by_imaging_condition_count_each_cell_once():
+    from benchmarks.fields import by_condition
+    from train.fieldpool import CONDITIONS
+    n = len(CONDITIONS)
+    pools = {  # two levels; condition 0 holds 2 infected (one called) and 2 uninfected (one called)
+        0.01: {"labels": np.array([1, 0, 0]), "probs": np.array([0.9, 0.95, 0.1]), "conditions": np.array([0, 0, 1]),
+               "gt_by_condition": np.array([4, 2] + [0] * (n - 2)), "found_by_condition": np.array([3, 2] + [0] * (n - 2))},
+        0.05: {"labels": np.array([1, 0]), "probs": np.array([0.2, 0.3]), "conditions": np.array([0, 0]),
+               "gt_by_condition": np.array([2] + [0] * (n - 1)), "found_by_condition": np.array([2] + [0] * (n - 1))},
+    }
+    rows = by_condition(pools, threshold=0.5)
+    assert [r["condition"] for r in rows] == CONDITIONS
+    assert rows[0] == {"condition": CONDITIONS[0], "recall": 5 / 6, "cells": 4, "infected": 2,
+                       "sensitivity": 0.5, "specificity": 0.5}
+    assert rows[1]["cells"] == 1 and rows[1]["sensitivity"] is None and rows[1]["specificity"] == 1.0
+    assert rows[2]["cells"] == 0 and rows[2]["recall"] == 0 and rows[2]["specificity"] is None
 
 
 def test_every_model_check_classifies_the_same_real_crops_with_each_model(tmp_path):
@@ -368,3 +389,17 @@ def test_quality_gate_rejects_a_grayscale_field(real_field):
     reason, m = quality(grey, detect(grey), QualityParams())
     assert "no stain colour" in reason and m["colour"] == 0
     assert quality(real_field, detect(real_field), QualityParams())[1]["colour"] > 50
+
+
+def test_quality_gate_counts_a_pale_stain_and_a_grey_picture_saved_as_colour_jpeg_is_still_grey(real_field):
+    hsv = cv2.cvtColor(real_field, cv2.COLOR_RGB2HSV)
+    hsv[..., 1] = (hsv[..., 1] * 0.1).astype(np.uint8)  # a tenth of the saturation: most of the field near grey
+    pale = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    chroma = pale.max(axis=2).astype(int) - pale.min(axis=2)
+    assert np.median(chroma) < 8  # what the gate once took for a grayscale image
+    reason, m = quality(pale, detect(pale), QualityParams())
+    assert "stain colour" not in reason and m["colour"] >= 3
+    grey = np.repeat(cv2.cvtColor(real_field, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+    ok, jpg = cv2.imencode(".jpg", grey, [cv2.IMWRITE_JPEG_QUALITY, 90])  # 3-channel JPEG of a grey picture
+    grey_jpeg = cv2.cvtColor(cv2.imdecode(jpg, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert "no stain colour" in quality(grey_jpeg, detect(grey_jpeg), QualityParams())[0]

@@ -21,6 +21,7 @@ from train.synthetic import SynthParams, load_crops, make_field
 
 # imaging conditions the pool cycles through: sharp, defocused, half scale, eyepiece disc, crowded
 VARIANTS = [dict(), dict(blur=2.0), dict(scale=0.5), dict(eyepiece=True), dict(spacing=(0.75, 0.95))]
+CONDITIONS = ["sharp", "defocused (blur 2 px)", "half scale", "eyepiece disc", "crowded"]
 POOL_PARASITEMIA = 0.1  # enough infected cells to measure sensitivity; few infected neighbours per cell
 
 
@@ -38,24 +39,30 @@ def patient_crops(data_dir: Path, crops_root: Path, split: str) -> dict[str, tup
 def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, split: str = "val",
                fields_per_group: int = 2, parasitemia: float = POOL_PARASITEMIA, seed: int = 1000,
                log=print) -> dict:
-    """(true label, P(Parasitized)) of every found cell of synthetic fields from one split's infected patients."""
-    labels, probs, n_gt, n_found, n_det, n_correct, k = [], [], 0, 0, 0, 0, 0
+    """(true label, P(Parasitized), imaging condition) of every found cell of synthetic fields from one
+    split's infected patients, with detection recall and precision overall and per condition."""
+    labels, probs, conds, n_gt, n_found, n_det, n_correct, k = [], [], [], 0, 0, 0, 0, 0
+    gt_by, found_by = np.zeros(len(VARIANTS), int), np.zeros(len(VARIANTS), int)
     for g, (pos, neg) in sorted(patient_crops(data_dir, crops_root, split).items()):
         for j in range(fields_per_group):
-            f = make_field(pos, neg, SynthParams(parasitemia=parasitemia, seed=seed + k, **VARIANTS[k % len(VARIANTS)]))
+            v = k % len(VARIANTS)
+            f = make_field(pos, neg, SynthParams(parasitemia=parasitemia, seed=seed + k, **VARIANTS[v]))
             k += 1
             res = analyze(f.rgb, f"synthetic {g} #{j}", model, opts)
             det = res.detection
             s = score(det.cells, [GTPoint(t.x, t.y, t.label) for t in f.truth])
             n_gt, n_found, n_det, n_correct = n_gt + s.gt, n_found + s.found, n_det + s.detections, n_correct + s.correct
+            gt_by[v], found_by[v] = gt_by[v] + s.gt, found_by[v] + s.found
             ok = [(c, call) for c, call in zip(det.cells, res.cells) if c.status == "ok" and call.prob_parasitized is not None]
             for t in f.red_cells:
                 hits = [call for c, call in ok if contains(c, t.x, t.y)]
                 if len(hits) == 1:
                     labels.append(int(t.label == "Parasitized"))
                     probs.append(hits[0].prob_parasitized)
+                    conds.append(v)
     y = np.array(labels)
     log(f"  {split} field pool: {k} fields, detection recall {n_found / max(n_gt, 1):.4f}, "
         f"{len(y)} cells ({int(y.sum())} infected)")
     return {"split": split, "fields": k, "gt": n_gt, "recall": n_found / max(n_gt, 1),
-            "precision": n_correct / max(n_det, 1), "parasitemia": parasitemia, "labels": y, "probs": np.array(probs)}
+            "precision": n_correct / max(n_det, 1), "parasitemia": parasitemia, "labels": y, "probs": np.array(probs),
+            "conditions": np.array(conds, int), "gt_by_condition": gt_by, "found_by_condition": found_by}
