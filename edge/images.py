@@ -12,6 +12,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # A cell crop is a few hundred pixels wide; a field image a few thousand. Anything past this is
 # a decompression bomb or a mistake, and decoding it would exhaust a Raspberry Pi's memory.
 MAX_PIXELS = 50_000_000
+GREY_CHROMA = 3.0  # below: a grayscale or monochrome picture (0, or 1-2 after JPEG); every NIH crop has at least 5
 
 
 class ImageError(ValueError):
@@ -83,8 +84,6 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
     return decode_image(data, str(path), max_pixels)
 
-
-GREY_CHROMA = 3.0  # below: a grayscale or monochrome picture (0, or 1-2 after JPEG); every NIH crop has at least 5
 
 
 def stain_colour(rgb: np.ndarray, mask: np.ndarray | None = None) -> float:
