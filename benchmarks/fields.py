@@ -102,13 +102,15 @@ def every_model_on_real_crops(root: Path, model_paths: list[Path], log=print) ->
 # stain and camera shifts applied to the validation crops: what another lab's slides might do to them
 SHIFTS = {"none": {}, "hue +8": dict(hue=8), "hue -8": dict(hue=-8), "saturation x0.6": dict(sat=0.6),
           "saturation x1.5": dict(sat=1.5), "gamma 0.7": dict(gamma=0.7), "gamma 1.4": dict(gamma=1.4),
-          "blur 1.5 px": dict(blur=1.5), "half resolution": dict(scale=0.5)}
+          "blur 1.5 px": dict(blur=1.5), "half resolution": dict(scale=0.5),
+          "exposure x0.9": dict(exposure=0.9), "exposure x0.8": dict(exposure=0.8)}
 
 
 def shifted(x: np.ndarray, hue: float = 0, sat: float = 1.0, gamma: float = 1.0, blur: float = 0,
-            scale: float = 1.0) -> np.ndarray:
-    """Crops (uint8 N×S×S×3, black background) recoloured, blurred or seen at a lower resolution; the
-    background stays black."""
+            scale: float = 1.0, exposure: float = 1.0) -> np.ndarray:
+    """Crops (uint8 N×S×S×3, black background) recoloured, darkened (exposure: every channel × it, as
+    a dimmer lamp or shorter exposure gives), blurred or seen at a lower resolution; the background
+    stays black."""
     out = np.empty_like(x)
     for i, im in enumerate(x):
         v = im
@@ -119,6 +121,8 @@ def shifted(x: np.ndarray, hue: float = 0, sat: float = 1.0, gamma: float = 1.0,
             v = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
         if gamma != 1:
             v = (255 * (v / 255.0) ** gamma).astype(np.uint8)
+        if exposure != 1:
+            v = np.clip(v * exposure, 0, 255).astype(np.uint8)
         if blur:
             v = cv2.GaussianBlur(v, (0, 0), blur)
         if scale != 1:

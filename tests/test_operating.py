@@ -140,6 +140,8 @@ def test_shifted_crops_change_the_cell_and_keep_the_background_black(crops):
     out = shifted(crops, hue=8, sat=0.6, blur=1.5)
     bg = crops.max(axis=3) == 0
     assert (out[bg] == 0).all() and not np.array_equal(out[~bg], crops[~bg])
+    dim = shifted(crops, exposure=0.8)
+    assert np.array_equal(dim, (crops * 0.8).astype(np.uint8))  # every channel of every pixel, background still 0
 
 
 def test_the_screen_under_shift_only_ever_removes_positives(prepared):
