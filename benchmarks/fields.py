@@ -259,8 +259,7 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
     from benchmarks.hardware import machine
     res = {"model": str(model_path), "operating_point": point.name, "threshold": point.threshold,
            "counts": point.counts, "point": describe(point),
-           "screen": None if point.screen is None else {"model": point.screen.model.path.name,
-                                                         "forward_at": point.screen.forward_at},
+           "screen": None if point.screen is None else point.screen.record(),
            "machine": machine()}
     log("real fields")
     res["real"] = real_fields(fields_root, model, opts, log)

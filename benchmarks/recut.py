@@ -25,8 +25,7 @@ from edge.images import load_image
 from edge.operating import operating_point
 from edge.preprocess import resize_rgb
 from edge.runtime import default_model, load_classifier
-from train.fieldpool import patient_crops
-from train.fieldscore import contains
+from train.fieldpool import found_cells, patient_crops
 from train.synthetic import SynthParams, cell_mask, make_field
 
 CLEAN = dict(vignette=0, noise=0, jpeg_quality=None, wbc=0, platelets=0)
@@ -45,14 +44,9 @@ def four_ways(model, groups: dict[str, tuple[list, list]], fields_per_group: int
             f = make_field(pos, neg, SynthParams(parasitemia=parasitemia, seed=seed + k, **CLEAN))
             k += 1
             res = analyze(f.rgb, "synthetic", model, opts)
-            ok = [(c, call) for c, call in zip(res.detection.cells, res.cells) if call.prob_parasitized is not None]
             H, W = f.rgb.shape[:2]
             crops = {w: [] for w in WAYS}
-            for t in f.red_cells:
-                hits = [(c, call) for c, call in ok if contains(c, t.x, t.y)]
-                if len(hits) != 1:
-                    continue
-                c, call = hits[0]
+            for t, c, call in found_cells(res, f.red_cells):
                 nih = np.rot90(source[t.source], t.turns)
                 mask = cell_mask(np.ascontiguousarray(nih))
                 (x0, y0), (h, w) = t.corner, mask.shape

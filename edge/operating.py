@@ -23,6 +23,10 @@ class Screen:
     model: Loaded
     forward_at: float  # cells with screen P >= forward_at go on to the deciding model
 
+    def record(self) -> dict:
+        """What session.json and the benchmarks keep of it."""
+        return {"model": self.model.path.name, "forward_at": self.forward_at}
+
 
 @dataclass(frozen=True)
 class OperatingPoint:

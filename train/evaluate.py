@@ -191,8 +191,9 @@ def screened_point(sets: dict, screen_sets: dict, counting: dict, screen_ref: st
                                       "parasitized": float(fwd[val.labels == 1].mean())}}
     if "test" in sets:
         (test, p_test), (_, s_test) = sets["test"], screen_sets["test"]
-        op["test"] = split_rates(test, rule(p_test, s_test), thr)
-        op["test"]["agreement_with_counting"] = float(np.mean((rule(p_test, s_test) >= thr) == (p_test >= thr)))
+        screened = rule(p_test, s_test)
+        op["test"] = split_rates(test, screened, thr)
+        op["test"]["agreement_with_counting"] = float(np.mean((screened >= thr) == (p_test >= thr)))
     return op
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.field import FieldOptions, analyze
+from edge.field import FieldOptions, FieldResult, analyze
 from train.fieldscore import GTPoint, contains, score
 from train.synthetic import SynthParams, load_crops, make_field
 
@@ -36,6 +36,17 @@ def patient_crops(data_dir: Path, crops_root: Path, split: str) -> dict[str, tup
     return {g: (pos, neg) for g, (pos, neg) in groups.items() if pos and neg}
 
 
+def found_cells(res: FieldResult, truth: list) -> list[tuple]:
+    """(truth cell, its detection, its call) for each truth cell inside exactly one classified detection."""
+    ok = [(c, call) for c, call in zip(res.detection.cells, res.cells) if call.prob_parasitized is not None]
+    out = []
+    for t in truth:
+        hits = [(c, call) for c, call in ok if contains(c, t.x, t.y)]
+        if len(hits) == 1:
+            out.append((t, *hits[0]))
+    return out
+
+
 def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, split: str = "val",
                fields_per_group: int = 2, parasitemia: float = POOL_PARASITEMIA, seed: int = 1000,
                log=print) -> dict:
@@ -53,13 +64,10 @@ def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, spli
             s = score(det.cells, [GTPoint(t.x, t.y, t.label) for t in f.truth])
             n_gt, n_found, n_det, n_correct = n_gt + s.gt, n_found + s.found, n_det + s.detections, n_correct + s.correct
             gt_by[v], found_by[v] = gt_by[v] + s.gt, found_by[v] + s.found
-            ok = [(c, call) for c, call in zip(det.cells, res.cells) if c.status == "ok" and call.prob_parasitized is not None]
-            for t in f.red_cells:
-                hits = [call for c, call in ok if contains(c, t.x, t.y)]
-                if len(hits) == 1:
-                    labels.append(int(t.label == "Parasitized"))
-                    probs.append(hits[0].prob_parasitized)
-                    conds.append(v)
+            for t, _, call in found_cells(res, f.red_cells):
+                labels.append(int(t.label == "Parasitized"))
+                probs.append(call.prob_parasitized)
+                conds.append(v)
     y = np.array(labels)
     log(f"  {split} field pool: {k} fields, detection recall {n_found / max(n_gt, 1):.4f}, "
         f"{len(y)} cells ({int(y.sum())} infected)")
