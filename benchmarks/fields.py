@@ -5,8 +5,9 @@ Synthetic sessions are built in two steps so that 600 sessions of 2,000 cells st
 cores: (1) for each true parasitemia, fields composed at it from the test split's crops (one patient
 group per field) go through the whole pipeline — detection, crops cut by the detector, classification —
 and every ground-truth cell the detector found keeps its true label and the probability the classifier
-gave its re-cut crop (train/fieldpool.py); (2) each session draws 2,000 cells from its level's pool and
-is counted and corrected like a real one.
+gave its re-cut crop (train/fieldpool.py); (2) each session draws 2,000 counted cells from its level's
+pool, infected and uninfected in the proportion the detector counts them at that parasitemia, and is
+counted and corrected like a real one; its truth is the smear's parasitemia.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def real_fields(root: Path, model, opts: FieldOptions, log=print) -> dict:
                     else {k: tot_core[k] + v for k, v in s_core.__dict__.items()})
         log(f"  {img.name}: recall {s.recall:.4f}, precision {s.precision:.4f} ({s_core.precision:.4f} whole cells), "
             f"{res.positive}/{res.rbc} positive, {row['seconds']}")
-    e = estimate(session_pos, session_n, opts.counts)
+    e = estimate(session_pos, session_n, opts.counts, by_patient=opts.by_patient)
     return {"fields": out, "gt": tot["gt"], "found": tot["found"], "recall": tot["found"] / tot["gt"],
             "detections": tot["detections"], "precision": tot["correct"] / tot["detections"],
             "precision_whole_cells": tot_core["correct"] / tot_core["detections"],
@@ -155,25 +156,32 @@ def simulate_sessions(pools: dict[float, dict], opts: FieldOptions, sessions: in
                       seed: int = 0) -> list[dict]:
     """pools: true parasitemia → the field pool composed at that parasitemia. Each session draws its
     infected and uninfected cells from its own level's pool, so an uninfected cell has as many infected
-    neighbours (whose parasites can reach into its crop) as it would in such a smear."""
+    neighbours (whose parasites can reach into its crop) as it would in such a smear, and in the
+    proportion the detector counts them: of a smear at `pi`, a share pi·a / (pi·a + (1 − pi)·b) of the
+    counted cells is infected, where a and b are the shares of infected and uninfected cells counted."""
     rng = np.random.default_rng(seed)
     rows = []
     for pi, pool in pools.items():
         y, p = pool["labels"], pool["probs"]
         pos, neg = p[y == 1], p[y == 0]
-        err, raw_err, cover = [], [], []
+        a, b = pool["counted_infected"], pool["counted_uninfected"]
+        counted_share = pi * a / (pi * a + (1 - pi) * b)
+        err, raw_err, cover, width = [], [], [], []
         for _ in range(sessions):
-            n_inf = rng.binomial(n_cells, pi)
+            n_inf = rng.binomial(n_cells, counted_share)
             calls = np.concatenate([rng.choice(pos, n_inf), rng.choice(neg, n_cells - n_inf)]) >= opts.threshold
-            e = estimate(int(calls.sum()), n_cells, opts.counts, draws=4000, seed=int(rng.integers(1 << 31)))
+            e = estimate(int(calls.sum()), n_cells, opts.counts, draws=4000, seed=int(rng.integers(1 << 31)),
+                         by_patient=opts.by_patient)
             err.append(e.parasitemia_percent - 100 * pi)
             raw_err.append(e.raw_percent - 100 * pi)
             lo, hi = e.parasitemia_ci95
             cover.append(lo <= 100 * pi <= hi)
+            width.append(hi - lo)
         floor = np.abs(rng.binomial(n_cells, pi, 100_000) / n_cells - pi).mean() * 100
         rows.append({"parasitemia_percent": 100 * pi, "sessions": sessions, "cells": n_cells,
                      "bias_pp": float(np.mean(err)), "mae_pp": float(np.mean(np.abs(err))),
                      "binomial_floor_mae_pp": float(floor), "coverage_ci95": float(np.mean(cover)),
+                     "mean_ci95_width_pp": float(np.mean(width)),
                      "raw_bias_pp": float(np.mean(raw_err)), "raw_mae_pp": float(np.mean(np.abs(raw_err))),
                      "pool": pool_summary(pool, opts.threshold)})
     return rows
@@ -182,7 +190,8 @@ def simulate_sessions(pools: dict[float, dict], opts: FieldOptions, sessions: in
 def pool_summary(pool: dict, threshold: float) -> dict:
     y, p = pool["labels"], pool["probs"]
     return {"fields": pool["fields"], "recall": pool["recall"], "precision": pool["precision"],
-            "cells": int(len(y)), "infected": int(y.sum()),
+            "cells": int(len(y)), "infected": int(y.sum()), "counted_infected": pool["counted_infected"],
+            "counted_uninfected": pool["counted_uninfected"],
             "sensitivity": float(np.mean(p[y == 1] >= threshold)) if y.any() else None,
             "specificity": float(np.mean(p[y == 0] < threshold))}
 
@@ -258,7 +267,7 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
     opts = FieldOptions.at(point)
     from benchmarks.hardware import machine
     res = {"model": str(model_path), "operating_point": point.name, "threshold": point.threshold,
-           "counts": point.counts, "point": describe(point),
+           "counts": point.counts, "patients": len(point.by_patient), "point": describe(point),
            "screen": None if point.screen is None else point.screen.record(),
            "machine": machine()}
     log("real fields")
@@ -310,20 +319,25 @@ def markdown(r: dict) -> str:
               "## Synthetic sessions", "",
               "Each level has its own pool: fields composed at that parasitemia from the test split's crops "
               "(one patient group per field), run through detection and classification; sessions draw their "
-              f"cells from it. The correction uses the card's validation counts {r['counts']}.", "",
-              "| true parasitemia | sessions x cells | bias (pp) | MAE (pp) | binomial floor MAE (pp) | 95% CI coverage | raw bias (pp) | raw MAE (pp) |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "counted cells from it, each class in the share the detector counted of it (a class it leaves out "
+              "more often is under-counted), and are scored against the smear's parasitemia. The correction uses "
+              f"the card's validation counts {r['counts']}"
+              + (f" and their spread over {r['patients']} validation patients" if r.get("patients") else "") + ".", "",
+              "| true parasitemia | sessions x cells | bias (pp) | MAE (pp) | binomial floor MAE (pp) | 95% CI coverage | mean CI width (pp) | raw bias (pp) | raw MAE (pp) |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in r["sessions"]:
         lines.append(f"| {x['parasitemia_percent']:.1f}% | {x['sessions']} x {x['cells']} | {x['bias_pp']:+.3f} | "
                      f"{x['mae_pp']:.3f} | {x['binomial_floor_mae_pp']:.3f} | {x['coverage_ci95']:.1%} | "
+                     f"{x['mean_ci95_width_pp']:.2f} | "
                      f"{x['raw_bias_pp']:+.3f} | {x['raw_mae_pp']:.3f} |")
-    lines += ["", "| pool at | fields | detection recall | precision | cells | infected | sensitivity | specificity |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| pool at | fields | detection recall | precision | cells | infected | infected / uninfected cells counted | sensitivity | specificity |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in r["sessions"]:
         q = x["pool"]
         sens = f"{q['sensitivity']:.3f}" if q["sensitivity"] is not None else "–"
         lines.append(f"| {x['parasitemia_percent']:.1f}% | {q['fields']} | {q['recall']:.4f} | {q['precision']:.4f} | "
-                     f"{q['cells']} | {q['infected']} | {sens} | {q['specificity']:.4f} |")
+                     f"{q['cells']} | {q['infected']} | {q['counted_infected']:.3f} / {q['counted_uninfected']:.3f} | "
+                     f"{sens} | {q['specificity']:.4f} |")
     if r.get("pools_by_condition"):
         lines += ["", "The three pools together, by the imaging condition each field was made under "
                   "(the pools cycle through them):", "",

@@ -46,10 +46,11 @@ class FieldOptions:
     detect: DetectParams = DetectParams()
     quality: QualityParams = QualityParams()
     screen: Screen | None = None  # a screened operating point's fast first model
+    by_patient: tuple = ()  # the counts per validation patient: the interval carries their spread
 
     @classmethod
     def at(cls, point: OperatingPoint, **kw) -> "FieldOptions":
-        return cls(point.threshold, point.counts, point.name, screen=point.screen, **kw)
+        return cls(point.threshold, point.counts, point.name, screen=point.screen, by_patient=point.by_patient, **kw)
 
 
 @dataclass
@@ -206,7 +207,7 @@ class Session:
         return self.rbc >= self.opts.target_cells
 
     def estimate(self) -> Estimate:
-        return estimate(self.positive, self.rbc, self.opts.counts, self.opts.rbc_per_ul)
+        return estimate(self.positive, self.rbc, self.opts.counts, self.opts.rbc_per_ul, by_patient=self.opts.by_patient)
 
     def summary(self, model: Loaded) -> dict:
         e = self.estimate()

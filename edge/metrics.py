@@ -118,20 +118,29 @@ def threshold_for_specificity(y, p, target: float) -> float:
 OPERATING_RULES = {"screening": ("sensitivity", 0.97), "counting": ("specificity", 0.995)}
 
 
-def operating_point(y, p, threshold: float, rule: str = "") -> dict:
-    """A threshold with the confusion counts it gives on (y, p): what a parasitemia correction needs."""
+def operating_point(y, p, threshold: float, rule: str = "", groups=None) -> dict:
+    """A threshold with the confusion counts it gives on (y, p): what a parasitemia correction needs; with
+    the patient of each sample (`groups`), each patient's counts too, since a smear is one patient and the
+    rates vary from one to the next."""
     y, p = np.asarray(y).astype(int), np.asarray(p, float)
     (tn, fp), (fn, tp) = confusion(y, (p >= threshold).astype(int)).astype(int).tolist()
-    return {"threshold": float(threshold), "rule": rule, "sensitivity": tp / max(1, tp + fn),
-            "specificity": tn / max(1, tn + fp), "counts": {"tp": tp, "fn": fn, "tn": tn, "fp": fp}}
+    op = {"threshold": float(threshold), "rule": rule, "sensitivity": tp / max(1, tp + fn),
+          "specificity": tn / max(1, tn + fp), "counts": {"tp": tp, "fn": fn, "tn": tn, "fp": fp}}
+    if groups is not None:
+        g, call = np.asarray(groups), p >= threshold
+        op["counts_by_patient"] = [
+            {"tp": int(np.sum(call[m] & (y[m] == 1))), "fn": int(np.sum(~call[m] & (y[m] == 1))),
+             "tn": int(np.sum(~call[m] & (y[m] == 0))), "fp": int(np.sum(call[m] & (y[m] == 0)))}
+            for m in (g == k for k in np.unique(g))]
+    return op
 
 
-def operating_points(y, p, rules: dict = OPERATING_RULES) -> dict:
+def operating_points(y, p, rules: dict = OPERATING_RULES, groups=None) -> dict:
     """Each named operating point, chosen on (y, p) — the validation split — with its counts there."""
     out = {}
     for name, (kind, target) in rules.items():
         t = threshold_for_sensitivity(y, p, target) if kind == "sensitivity" else threshold_for_specificity(y, p, target)
-        out[name] = operating_point(y, p, t, f"{kind} >= {target} on validation")
+        out[name] = operating_point(y, p, t, f"{kind} >= {target} on validation", groups)
     return out
 
 

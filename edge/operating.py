@@ -34,6 +34,7 @@ class OperatingPoint:
     threshold: float
     counts: dict  # validation confusion counts {tp, fn, tn, fp} of the whole rule
     screen: Screen | None = None
+    by_patient: tuple = ()  # the same counts per validation patient, where the card has them
 
 
 def field_point(model: Loaded) -> str:
@@ -51,7 +52,12 @@ def operating_point(model: Loaded, name: str, threads: int | None = None) -> Ope
     op = ops[name]
     thr = float(op["threshold"])
     spec = op.get("screen")
-    return OperatingPoint(name, thr, dict(op["counts"]), load_screen(model, spec, thr, threads) if spec else None)
+    by_patient = tuple(dict(c) for c in op.get("counts_by_patient", ()))
+    if by_patient and any(sum(int(c[k]) for c in by_patient) != int(op["counts"][k]) for k in ("tp", "fn", "tn", "fp")):
+        raise ModelError(f"{model.path.name}: the '{name}' point's per-patient counts do not add up to its counts; "
+                         f"re-run: malaria-edge evaluate {model.path} --operating-points --update-card")
+    return OperatingPoint(name, thr, dict(op["counts"]), load_screen(model, spec, thr, threads) if spec else None,
+                          by_patient)
 
 
 def load_screen(model: Loaded, spec: dict, threshold: float, threads: int | None = None) -> Screen:

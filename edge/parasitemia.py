@@ -8,6 +8,12 @@ interval comes from Monte Carlo over Jeffreys posteriors of q, Se and Sp (a fixe
 is reproducible); the estimate and its bounds are clamped to [0, 100] %. With no positive call at all,
 or no more than false positives explain, the upper bound is at least the rule of three divided by the
 sensitivity: 3 / (n · Se).
+
+A smear is one patient, and the classifier's rates differ from patient to patient more than the
+sampling of their cells explains (validation: sensitivity 0.72–0.95 among patients with ≥ 10 infected
+cells). Where the card has each validation patient's counts, the Monte Carlo draws this patient's Se
+and Sp around the pooled ones with the between-patient variance they show (beta-binomial, method of
+moments), so the interval also carries how far this patient's rates may lie from the average.
 """
 from __future__ import annotations
 
@@ -44,10 +50,33 @@ def rogan_gladen(q, se, sp):
     return (np.asarray(q, float) + sp - 1) / (se + sp - 1)
 
 
+def between_patient_variance(successes, trials) -> float:
+    """Variance of a rate across patients beyond the binomial sampling of each one's cells (the method of
+    moments of the beta-binomial: Kleinman 1973); 0 when the patients agree as well as sampling allows."""
+    x, n = np.asarray(successes, float), np.asarray(trials, float)
+    x, n = x[n > 0], n[n > 0]
+    if len(n) < 2:
+        return 0.0
+    N = n.sum()
+    mu = x.sum() / N
+    s = np.sum(n * (x / n - mu) ** 2)
+    return float(max(0.0, (s - mu * (1 - mu) * (len(n) - 1)) / (N - np.sum(n ** 2) / N)))
+
+
+def _patient_rates(mean_draws: np.ndarray, var: float, rng) -> np.ndarray:
+    """One patient's rate per draw: Beta around each drawn mean with the between-patient variance."""
+    if var <= 0:
+        return mean_draws
+    m = np.clip(mean_draws, 1e-6, 1 - 1e-6)
+    k = np.maximum(m * (1 - m) / var - 1, 1.0)
+    return rng.beta(m * k, (1 - m) * k)
+
+
 def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL, draws: int = 20_000,
-             seed: int = 0) -> Estimate:
+             seed: int = 0, by_patient: list[dict] | tuple = ()) -> Estimate:
     """Corrected parasitemia of `positive` calls among `n` red cells. `counts` are the operating point's
-    validation confusion counts {tp, fn, tn, fp}."""
+    validation confusion counts {tp, fn, tn, fp}; `by_patient`, where given, the same per validation
+    patient (they must add up to `counts`)."""
     if n < 0 or not 0 <= positive <= max(n, 0):
         raise ValueError(f"need 0 <= positive <= n, got {positive} of {n}")
     tp, fn, tn, fp = (int(counts[k]) for k in ("tp", "fn", "tn", "fp"))
@@ -65,11 +94,19 @@ def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL
     q_s = rng.beta(positive + 0.5, n - positive + 0.5, draws)
     se_s = rng.beta(tp + 0.5, fn + 0.5, draws)
     sp_s = rng.beta(tn + 0.5, fp + 0.5, draws)
+    if by_patient:
+        c = {k: np.array([int(b[k]) for b in by_patient]) for k in ("tp", "fn", "tn", "fp")}
+        if any(int(c[k].sum()) != v for k, v in zip(("tp", "fn", "tn", "fp"), (tp, fn, tn, fp))):
+            raise ValueError("the per-patient counts do not add up to the operating point's counts")
+        se_s = _patient_rates(se_s, between_patient_variance(c["tp"], c["tp"] + c["fn"]), rng)
+        sp_s = _patient_rates(sp_s, between_patient_variance(c["tn"], c["tn"] + c["fp"]), rng)
     with np.errstate(divide="ignore", invalid="ignore"):
         sims = np.clip(rogan_gladen(q_s, se_s, sp_s), 0, 1)
     sims = sims[np.isfinite(sims)]
     lo, hi = (float(v) for v in np.percentile(sims, [2.5, 97.5]))
     method = "Rogan-Gladen; 95% interval: Monte Carlo over Jeffreys posteriors of the positive share, Se and Sp"
+    if by_patient:
+        method += ", this patient's Se and Sp drawn around them with the validation patients' spread"
     if positive == 0:
         lo, hi = 0.0, min(1.0, 3.0 / (n * se))
         method = "no positive call: 0, upper bound by the rule of three over sensitivity, 3/(n*Se)"

@@ -19,6 +19,7 @@ from train.synthetic import SynthParams, load_crops, make_field
 
 FIELD = ROOT / "examples" / "field" / "IMG_20150614_124212.jpg"
 FIELD_GT = FIELD.with_suffix(".txt")
+NIH_FIELDS = ROOT.parent / "shared" / "data" / "nih_fields" / "239C12NThinF"
 FIELD_MODEL = ROOT / "models" / "mobilenetv2" / "mobilenetv2_int8.tflite"
 COUNTS = {"tp": 900, "fn": 100, "tn": 995, "fp": 5}
 
@@ -63,10 +64,35 @@ def test_real_field_detection_recall_and_precision(real_detection):
     assert 90 < real_detection.diameter_px < 130  # NIH crops of this slide are ~110-140 px
 
 
-def test_white_cell_is_not_counted_as_a_red_cell(real_detection):
-    wbc = [p for p in read_point_set(FIELD_GT, exif_orientation(FIELD)) if p.label == "White_Blood_Cell"]
-    assert wbc
-    assert not any(contains(c, p.x, p.y) for p in wbc for c in real_detection.accepted)
+def test_cells_too_small_for_the_preview_are_measured_on_a_larger_one(real_field):
+    # the real photo at 1/11 scale (cells ~10 px) tiled to 1936x1496: 3 px in a 600-px preview
+    small = cv2.resize(real_field, None, fx=1 / 11, fy=1 / 11, interpolation=cv2.INTER_AREA)
+    h, w = small.shape[:2]
+    tile = small[h // 4:3 * h // 4, w // 4:3 * w // 4]
+    one = detect(tile).diameter_px  # small enough to be measured at full resolution
+    assert 8 < one < 13
+    assert detect(np.tile(tile, (8, 11, 1))).diameter_px == pytest.approx(one, rel=0.15)
+
+
+def test_white_cell_with_a_nucleus_is_not_counted_as_a_red_cell():
+    photo = NIH_FIELDS / "Img" / "IMG_20150614_125741.jpg"  # a neutrophil among ~300 red cells
+    wbc = [p for p in read_point_set(NIH_FIELDS / "GT" / f"{photo.stem}.txt", exif_orientation(photo))
+           if p.label == "White_Blood_Cell"]
+    assert len(wbc) == 1
+    det = detect(load_image(photo))
+    assert [c.status for c in det.cells if contains(c, wbc[0].x, wbc[0].y)] == ["wbc"]
+
+
+def test_darkly_stained_infected_cells_are_counted_not_taken_for_white_cells(crops_by_group):
+    pos, neg = crops_by_group
+    dark = [(name, (c * 0.8).astype(np.uint8)) for name, c in pos]  # absorbing 20% more light throughout
+    f = make_field(dark, neg, SynthParams(parasitemia=0.15, n_cells=250, seed=4))
+    det = detect(f.rgb)
+    status = [[c.status for c in det.cells if contains(c, t.x, t.y)] for t in f.red_cells
+              if t.label == "Parasitized"]
+    assert len(status) >= 25
+    assert sum(s == ["ok"] for s in status) >= 0.9 * len(status)
+    assert sum("wbc" in s or "platelets" in s for s in status) <= 0.1 * len(status)
 
 
 def test_crops_are_cut_at_full_resolution_with_black_background(real_field, real_detection):
@@ -160,6 +186,57 @@ def test_estimator_interval_covers_the_truth_in_simulated_sessions():
     assert np.mean(covered) >= 0.9
 
 
+def test_between_patient_variance_is_the_spread_sampling_does_not_explain():
+    from edge.parasitemia import between_patient_variance
+    assert between_patient_variance([80, 80, 80], [100, 100, 100]) == 0  # as alike as sampling allows
+    # two patients at 0.6 and 1.0, 10,000 cells each: ((0.6 - 0.8)^2 + (1.0 - 0.8)^2) / (2 - 1), less a
+    # sampling variance of 0.6 * 0.4 / 10,000 (and 0 at 1.0) that these counts make negligible
+    assert between_patient_variance([6000, 10000], [10000, 10000]) == pytest.approx(0.08, rel=0.01)
+    assert between_patient_variance([5], [10]) == 0  # one patient shows no spread
+
+
+def _patients(se_by_patient, n_inf=120, n_un=150, sp=0.995):
+    """Validation counts per patient at the given sensitivities (expected values, rounded)."""
+    return [{"tp": round(n_inf * se), "fn": n_inf - round(n_inf * se), "tn": round(n_un * sp),
+             "fp": n_un - round(n_un * sp)} for se in se_by_patient]
+
+
+def _pooled(by_patient):
+    return {k: sum(b[k] for b in by_patient) for k in ("tp", "fn", "tn", "fp")}
+
+
+def test_estimator_interval_widens_with_the_spread_between_patients_and_keeps_the_estimate():
+    alike, spread = _patients([0.8] * 10), _patients([0.65, 0.7, 0.75, 0.8, 0.8, 0.8, 0.85, 0.9, 0.95, 0.8])
+    assert _pooled(alike) == _pooled(spread)
+    a = estimate(80, 2000, _pooled(alike), by_patient=alike)
+    b = estimate(80, 2000, _pooled(spread), by_patient=spread)
+    assert a.parasitemia_percent == b.parasitemia_percent
+    assert b.parasitemia_ci95[0] < a.parasitemia_ci95[0] and b.parasitemia_ci95[1] > a.parasitemia_ci95[1] + 0.2
+
+
+def test_estimator_interval_covers_a_patient_whose_sensitivity_differs_from_the_average():
+    rng = np.random.default_rng(2)
+    by_patient = _patients([0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.8, 0.75, 0.85])
+    counts = _pooled(by_patient)
+    pi, n = 0.05, 2000
+    covered, covered_pooled = [], []
+    for _ in range(120):
+        se = rng.choice([0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95])  # this smear's patient
+        infected = rng.random(n) < pi
+        pos = int(np.where(infected, rng.random(n) < se, rng.random(n) > 0.995).sum())
+        for out, kw in ((covered, {"by_patient": by_patient}), (covered_pooled, {})):
+            lo, hi = estimate(pos, n, counts, draws=3000, **kw).parasitemia_ci95
+            out.append(lo <= 100 * pi <= hi)
+    assert np.mean(covered) >= 0.9
+    assert np.mean(covered_pooled) < 0.9  # the pooled rates alone claim too much
+
+
+def test_estimator_refuses_per_patient_counts_that_do_not_add_up():
+    by_patient = _patients([0.8, 0.9])
+    with pytest.raises(ValueError, match="do not add up"):
+        estimate(10, 1000, {**_pooled(by_patient), "tp": 1}, by_patient=by_patient)
+
+
 def test_estimator_rejects_impossible_counts():
     with pytest.raises(ValueError):
         estimate(5, 3, COUNTS)
@@ -175,6 +252,9 @@ def test_counting_threshold_reaches_its_specificity():
     c = ops["counting"]
     assert c["specificity"] >= 0.995 and np.mean(p[y == 0] < c["threshold"]) >= 0.995
     assert c["counts"]["tn"] + c["counts"]["fp"] == int((y == 0).sum())
+    assert "counts_by_patient" not in c  # no patients given
+    by = operating_points(y, p, groups=np.arange(3000) % 7)["counting"]["counts_by_patient"]
+    assert len(by) == 7 and {k: sum(b[k] for b in by) for k in c["counts"]} == c["counts"]
     assert ops["screening"]["sensitivity"] >= 0.97
     assert threshold_for_specificity(np.array([0, 0, 1]), np.array([0.2, 0.2, 0.9]), 1.0) > 0.2
 
@@ -313,6 +393,19 @@ def test_the_field_pool_keeps_each_found_cells_true_label_and_probability(export
     # each cell carries the imaging condition of its field; the first field is made sharp
     assert len(pool["conditions"]) == len(pool["labels"]) and pool["conditions"][0] == 0
     assert pool["gt_by_condition"].sum() == pool["gt"] and pool["found_by_condition"].sum() <= pool["gt"]
+    assert 0 < pool["counted_infected"] <= 1 and 0.8 < pool["counted_uninfected"] <= 1
+
+
+def test_sessions_count_infected_cells_in_the_share_the_detector_finds_them():
+    from benchmarks.fields import simulate_sessions
+    from edge.field import FieldOptions
+    # a perfect classifier, and a detector that counts half the infected cells and every uninfected one
+    pool = {"labels": np.array([1] * 50 + [0] * 950), "probs": np.array([1.0] * 50 + [0.0] * 950),
+            "counted_infected": 0.5, "counted_uninfected": 1.0, "fields": 1, "recall": 1.0, "precision": 1.0}
+    perfect = {"tp": 1000, "fn": 0, "tn": 1000, "fp": 0}
+    row = simulate_sessions({0.1: pool}, FieldOptions(0.5, perfect), sessions=50)[0]
+    counted = 100 * 0.05 / (0.05 + 0.9)  # of a smear at 10%: 5 infected counted per 90 uninfected
+    assert row["bias_pp"] == pytest.approx(counted - 10, abs=0.3)
 
 
 def test_pools_split_by_imaging_condition_count_each_cell_once():

@@ -70,6 +70,15 @@ def test_a_missing_screen_is_a_clear_error(tmp_path):
         Classifier.load(path, mode="field")
 
 
+def test_field_mode_reads_the_validation_patients_counts_and_checks_they_add_up(tmp_path):
+    clf = Classifier.load(MNV2, mode="field")
+    assert len(clf.point.by_patient) >= 10
+    assert {k: sum(b[k] for b in clf.point.by_patient) for k in clf.counts} == clf.counts
+    path = _copy(tmp_path, lambda c: c["operating_points"][FAST]["counts_by_patient"][0].update(tp=10 ** 6))
+    with pytest.raises(ModelError, match="do not add up"):
+        Classifier.load(path, mode="field")
+
+
 def test_field_mode_counts_at_counting_where_the_card_has_no_screened_point(tmp_path):
     path = _copy(tmp_path, lambda c: c["operating_points"].pop(FAST))
     clf = Classifier.load(path, mode="field")

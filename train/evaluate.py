@@ -147,7 +147,7 @@ def set_operating_points(sets: dict[str, tuple[LabelledSet, np.ndarray]]) -> dic
     """Operating points chosen on the validation split with this very artifact (an int8 model's own
     probabilities), plus the test split's sensitivity and specificity at each, with patient-bootstrap CIs."""
     val, p_val = sets["val"]
-    ops = M.operating_points(val.labels, p_val)
+    ops = M.operating_points(val.labels, p_val, groups=val.groups)
     if "test" in sets:
         for op in ops.values():
             op["test"] = split_rates(*sets["test"], op["threshold"])
@@ -184,7 +184,7 @@ def screened_point(sets: dict, screen_sets: dict, counting: dict, screen_ref: st
         return np.where(s >= forward_at, p, s)
 
     op = M.operating_point(val.labels, rule(p_val, s_val), thr,
-                           f"{counting['rule']}, cells the screen gives P < {forward_at:.4f} Uninfected")
+                           f"{counting['rule']}, cells the screen gives P < {forward_at:.4f} Uninfected", val.groups)
     fwd = s_val >= forward_at
     op["screen"] = {"model": screen_ref, "sha256": screen_sha, "forward_at": forward_at, "keep": keep,
                     "forwarded_val": {"uninfected": float(fwd[val.labels == 0].mean()),
