@@ -187,13 +187,21 @@ def simulate_sessions(pools: dict[float, dict], opts: FieldOptions, sessions: in
     return rows
 
 
+def _rates(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    """Sensitivity and specificity of the calls at threshold (None for a class with no cells)."""
+    return {"sensitivity": float(np.mean(p[y == 1] >= threshold)) if (y == 1).any() else None,
+            "specificity": float(np.mean(p[y == 0] < threshold)) if (y == 0).any() else None}
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
 def pool_summary(pool: dict, threshold: float) -> dict:
     y, p = pool["labels"], pool["probs"]
     return {"fields": pool["fields"], "recall": pool["recall"], "precision": pool["precision"],
             "cells": int(len(y)), "infected": int(y.sum()), "counted_infected": pool["counted_infected"],
-            "counted_uninfected": pool["counted_uninfected"],
-            "sensitivity": float(np.mean(p[y == 1] >= threshold)) if y.any() else None,
-            "specificity": float(np.mean(p[y == 0] < threshold))}
+            "counted_uninfected": pool["counted_uninfected"], **_rates(y, p, threshold)}
 
 
 def by_condition(pools: dict[float, dict], threshold: float) -> list[dict]:
@@ -207,8 +215,7 @@ def by_condition(pools: dict[float, dict], threshold: float) -> list[dict]:
         gt = sum(int(q["gt_by_condition"][v]) for q in pools.values())
         found = sum(int(q["found_by_condition"][v]) for q in pools.values())
         rows.append({"condition": name, "recall": found / max(gt, 1), "cells": int(len(y)), "infected": int(y.sum()),
-                     "sensitivity": float(np.mean(p[y == 1] >= threshold)) if y.any() else None,
-                     "specificity": float(np.mean(p[y == 0] < threshold)) if (y == 0).any() else None})
+                     **_rates(y, p, threshold)})
     return rows
 
 
@@ -334,19 +341,17 @@ def markdown(r: dict) -> str:
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in r["sessions"]:
         q = x["pool"]
-        sens = f"{q['sensitivity']:.3f}" if q["sensitivity"] is not None else "–"
         lines.append(f"| {x['parasitemia_percent']:.1f}% | {q['fields']} | {q['recall']:.4f} | {q['precision']:.4f} | "
                      f"{q['cells']} | {q['infected']} | {q['counted_infected']:.3f} / {q['counted_uninfected']:.3f} | "
-                     f"{sens} | {q['specificity']:.4f} |")
+                     f"{_fmt(q['sensitivity'], 3)} | {_fmt(q['specificity'], 4)} |")
     if r.get("pools_by_condition"):
         lines += ["", "The three pools together, by the imaging condition each field was made under "
                   "(the pools cycle through them):", "",
                   "| condition | detection recall | cells | infected | sensitivity | specificity |",
                   "|---|---:|---:|---:|---:|---:|"]
         for x in r["pools_by_condition"]:
-            sens = f"{x['sensitivity']:.3f}" if x["sensitivity"] is not None else "–"
-            spec = f"{x['specificity']:.4f}" if x["specificity"] is not None else "–"
-            lines.append(f"| {x['condition']} | {x['recall']:.4f} | {x['cells']} | {x['infected']} | {sens} | {spec} |")
+            lines.append(f"| {x['condition']} | {x['recall']:.4f} | {x['cells']} | {x['infected']} | "
+                         f"{_fmt(x['sensitivity'], 3)} | {_fmt(x['specificity'], 4)} |")
     if r.get("screen_under_shift"):
         lines += ["", "## The screen under stain and camera shifts (validation crops)", "",
                   f"Each shift applied to every validation crop; {r['operating_point']} against the deciding model "

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.parasitemia import check_adds_up
 from edge.runtime import Loaded, ModelError, load_classifier
 
 FAST = "counting-fast"  # the screened counting point; field mode's default where the card has it
@@ -53,9 +54,11 @@ def operating_point(model: Loaded, name: str, threads: int | None = None) -> Ope
     thr = float(op["threshold"])
     spec = op.get("screen")
     by_patient = tuple(dict(c) for c in op.get("counts_by_patient", ()))
-    if by_patient and any(sum(int(c[k]) for c in by_patient) != int(op["counts"][k]) for k in ("tp", "fn", "tn", "fp")):
+    try:
+        check_adds_up(op["counts"], by_patient)
+    except ValueError:
         raise ModelError(f"{model.path.name}: the '{name}' point's per-patient counts do not add up to its counts; "
-                         f"re-run: malaria-edge evaluate {model.path} --operating-points --update-card")
+                         f"re-run: malaria-edge evaluate {model.path} --operating-points --update-card") from None
     return OperatingPoint(name, thr, dict(op["counts"]), load_screen(model, spec, thr, threads) if spec else None,
                           by_patient)
 

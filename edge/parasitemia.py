@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 RBC_PER_UL = 5_000_000  # a typical adult red-cell count; the user can give the patient's own
+COUNT_KEYS = ("tp", "fn", "tn", "fp")
 
 
 @dataclass
@@ -63,6 +64,13 @@ def between_patient_variance(successes, trials) -> float:
     return float(max(0.0, (s - mu * (1 - mu) * (len(n) - 1)) / (N - np.sum(n ** 2) / N)))
 
 
+def check_adds_up(counts: dict, by_patient) -> None:
+    """Per-patient counts (where there are any) that do not add up to the pooled ones were measured for
+    another rule."""
+    if by_patient and any(sum(int(b[k]) for b in by_patient) != int(counts[k]) for k in COUNT_KEYS):
+        raise ValueError("the per-patient counts do not add up to the operating point's counts")
+
+
 def _patient_rates(mean_draws: np.ndarray, var: float, rng) -> np.ndarray:
     """One patient's rate per draw: Beta around each drawn mean with the between-patient variance."""
     if var <= 0:
@@ -79,7 +87,7 @@ def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL
     patient (they must add up to `counts`)."""
     if n < 0 or not 0 <= positive <= max(n, 0):
         raise ValueError(f"need 0 <= positive <= n, got {positive} of {n}")
-    tp, fn, tn, fp = (int(counts[k]) for k in ("tp", "fn", "tn", "fp"))
+    tp, fn, tn, fp = (int(counts[k]) for k in COUNT_KEYS)
     if tp + fn == 0 or tn + fp == 0:
         raise ValueError("the operating point's counts need both infected and uninfected validation cells")
     se, sp = tp / (tp + fn), tn / (tn + fp)
@@ -95,9 +103,8 @@ def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL
     se_s = rng.beta(tp + 0.5, fn + 0.5, draws)
     sp_s = rng.beta(tn + 0.5, fp + 0.5, draws)
     if by_patient:
-        c = {k: np.array([int(b[k]) for b in by_patient]) for k in ("tp", "fn", "tn", "fp")}
-        if any(int(c[k].sum()) != v for k, v in zip(("tp", "fn", "tn", "fp"), (tp, fn, tn, fp))):
-            raise ValueError("the per-patient counts do not add up to the operating point's counts")
+        check_adds_up(counts, by_patient)
+        c = {k: np.array([int(b[k]) for b in by_patient]) for k in COUNT_KEYS}
         se_s = _patient_rates(se_s, between_patient_variance(c["tp"], c["tp"] + c["fn"]), rng)
         sp_s = _patient_rates(sp_s, between_patient_variance(c["tn"], c["tn"] + c["fp"]), rng)
     with np.errstate(divide="ignore", invalid="ignore"):
