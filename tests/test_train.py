@@ -374,3 +374,11 @@ def test_unknown_augmentation_is_a_one_line_error():
     from malaria_edge.cli import main
     r = CliRunner().invoke(main, ["train", "--out", "/tmp/never", "--augment", "stain,sharpen"])
     assert r.exit_code == 2 and "unknown augmentation 'sharpen'" in r.output and "Traceback" not in r.output
+
+
+def test_stain_matrix_keeps_grey_and_turns_only_the_chroma():
+    from train.augment import stain_matrices
+    ident, grey, turned = stain_matrices(np.array([0.0, 0.0, 360.0]), np.array([1.0, 0.0, 1.0]))
+    pink = np.array([200.0, 120.0, 160.0])
+    assert np.allclose(ident @ pink, pink, atol=0.05) and np.allclose(turned @ pink, pink, atol=0.05)
+    assert np.allclose(grey @ pink, 0.299 * 200 + 0.587 * 120 + 0.114 * 160, atol=0.5)  # luma, as a grey

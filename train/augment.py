@@ -1,9 +1,12 @@
-"""Optional augmentation switches for real-world shift, written with Keras layers and `keras.ops`
-so they run on any backend (and on a GPU under JAX or TensorFlow).
+"""Optional augmentation switches for real-world shift, in NumPy and OpenCV.
+
+They run in the batch workers' threads, on the CPU, whatever the Keras backend: written with Keras
+layers (colour jitter, Gaussian blur) they ran as eager ops under JAX and made a GPU epoch 3-7x slower
+(11 s → 34-83 s, `benchmarks/results/candidates/gpu_sweep/`).
 
 Each switch is measured on validation before it is kept (README, *Augmentation study*):
-- `stain`: Giemsa colour varies between slides and labs: Keras' colour jitter (hue factor 0.05,
-  saturation factor 0.4–0.6 where 0.5 leaves it unchanged: ×0.67–1.5) and gamma 0.7–1.4;
+- `stain`: Giemsa colour varies between slides and labs: per crop a hue turn of up to ±18°, saturation
+  ×0.6–1.5 (the chroma turned and scaled about the grey axis in YIQ) and gamma 0.7–1.4;
 - `blur`: defocus, a Gaussian blur of sigma 0.1–1.5 px on half the crops;
 - `noise`: sensor noise, Gaussian with sigma 4 grey levels;
 - `scale`: a cell seen with fewer pixels (40–128 px across before the resize to the model's input):
@@ -11,9 +14,12 @@ Each switch is measured on validation before it is kept (README, *Augmentation s
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 SWITCHES = ("stain", "blur", "noise", "scale")
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
+_RGB = np.linalg.inv(_YIQ).astype(np.float32)
 
 
 def parse(text: str | None) -> tuple[str, ...]:
@@ -24,43 +30,47 @@ def parse(text: str | None) -> tuple[str, ...]:
     return names
 
 
+def stain_matrices(hue_deg: np.ndarray, saturation: np.ndarray) -> np.ndarray:
+    """N×3×3 RGB maps that turn each crop's chroma by hue_deg and scale it by saturation; grey stays
+    grey (so the masked-out black background stays black)."""
+    t = np.deg2rad(hue_deg)
+    c, s = np.cos(t) * saturation, np.sin(t) * saturation
+    m = np.zeros((len(t), 3, 3), np.float32)
+    m[:, 0, 0] = 1
+    m[:, 1, 1], m[:, 1, 2], m[:, 2, 1], m[:, 2, 2] = c, -s, s, c
+    return _RGB @ m @ _YIQ
+
+
 class Augmenter:
     """Applies the chosen switches to a float32 N×H×W×3 batch in 0..255 (after flips and rotations)."""
 
     def __init__(self, names: tuple[str, ...], seed: int = 0):
-        import keras
         self.names = names
-        self.layers = []
-        if "stain" in names:
-            self.layers.append(keras.layers.RandomColorJitter(value_range=(0, 255), saturation_factor=(0.4, 0.6),
-                                                              hue_factor=0.05, seed=seed))
-        if "blur" in names:
-            self.layers.append(keras.layers.RandomGaussianBlur(factor=0.5, kernel_size=5, sigma=(0.1, 1.5),
-                                                               value_range=(0, 255), seed=seed + 1))
-        self.noise_seed = keras.random.SeedGenerator(seed + 2)
 
     def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        from keras import ops
         n, h, w, _ = x.shape
-        t = ops.convert_to_tensor(x, "float32")
+        t = np.asarray(x, np.float32)
         if "stain" in self.names:
-            g = ops.convert_to_tensor(rng.uniform(np.log(0.7), np.log(1.4), (n, 1, 1, 1)).astype(np.float32))
-            t = 255.0 * ops.power(ops.clip(t / 255.0, 0.0, 1.0), ops.exp(g))
-        for layer in self.layers:
-            t = layer(t, training=True)
+            gamma = np.exp(rng.uniform(np.log(0.7), np.log(1.4), (n, 1, 1, 1))).astype(np.float32)
+            t = 255.0 * np.power(np.clip(t / 255.0, 0.0, 1.0), gamma)
+            m = stain_matrices(rng.uniform(-18, 18, n), np.exp(rng.uniform(np.log(0.6), np.log(1.5), n)))
+            t = np.einsum("nhwc,ndc->nhwd", t, m, optimize=True)
+        if "blur" in self.names:
+            t = t.copy()
+            for i in np.flatnonzero(rng.random(n) < 0.5):
+                t[i] = cv2.GaussianBlur(t[i], (5, 5), float(rng.uniform(0.1, 1.5)))
         if "noise" in self.names:
-            import keras
-            t = t + keras.random.normal(ops.shape(t), stddev=4.0, seed=self.noise_seed)
+            t = t + rng.normal(0.0, 4.0, t.shape).astype(np.float32)
         if "scale" in self.names:
             side = int(rng.integers(40, h + 1))
             if side < h:
-                t = ops.image.resize(ops.image.resize(t, (side, side), interpolation="area"), (h, w),
-                                     interpolation="bilinear")
-        return np.clip(ops.convert_to_numpy(t), 0, 255).astype(np.float32)
+                t = np.stack([cv2.resize(cv2.resize(im, (side, side), interpolation=cv2.INTER_AREA), (w, h),
+                                         interpolation=cv2.INTER_LINEAR) for im in t])
+        return np.clip(t, 0, 255).astype(np.float32)
 
 
 def describe(names: tuple[str, ...]) -> str:
-    words = {"stain": "stain colour (Keras colour jitter: hue 0.05, saturation ×0.67–1.5; gamma 0.7–1.4)",
+    words = {"stain": "stain colour (hue ±18°, saturation ×0.6–1.5, gamma 0.7–1.4)",
              "blur": "defocus blur (sigma 0.1–1.5 px, half the crops)", "noise": "sensor noise (sigma 4)",
              "scale": "cell scale (40–128 px before the resize)"}
     return "; ".join(words[n] for n in names)

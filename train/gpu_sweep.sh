@@ -8,7 +8,7 @@
 #
 # Needs in the repository root: .gpu/trainval.zip (`malaria-edge data pack data/prepared --out
 # .gpu/trainval.zip`, 53 MiB) and .whl/ with the keras, namex and optree wheels for Python 3.12.
-# ONLY='name name' runs just those lines of RUNS; EXTRA is added to every run's arguments
+# RUNS_FILE=PATH replaces RUNS by that file's lines (train/sweeps/); ONLY='name name' runs just those lines; EXTRA is added to every run's arguments
 # (EXTRA='--max-train 256 --max-val 128 --epochs 1 --finetune-epochs 1' is a smoke test).
 # Budget: a run's first epoch under JAX compiles and autotunes for about two minutes when six
 # share the machine; later epochs take 9-14 s (batch 64, six runs) or 4 s (alone).
@@ -31,6 +31,7 @@ RUNS=(
   "mnv2_a100_stain $MNV2 --alpha 1.0 --augment stain"
   "mnv2_a050_stain $MNV2 --alpha 0.5 --augment stain"
 )
+[ -n "${RUNS_FILE:-}" ] && mapfile -t RUNS < <(grep -v -e '^#' -e '^$' "$RUNS_FILE" | sed "s|\$MNV2|$MNV2|")
 PIDS=()
 for line in "${RUNS[@]}"; do
   set -- $line

@@ -271,7 +271,8 @@ def train(data: Prepared, cfg: TrainConfig, out: Path) -> tuple[keras.Model, dic
         stages.append(("head (base frozen)", cfg.epochs, cfg.lr, "frozen"))
     else:  # mobilenetv2-finetune
         # From ImageNet weights the base is frozen first; from scratch there is nothing to protect.
-        stages.append(("head (base frozen)" if pretrained else "all layers (from scratch)", cfg.epochs, cfg.lr,
+        stages.append(("head (base frozen)" if pretrained else "all layers" + ("" if cfg.init else " (from scratch)"),
+                       cfg.epochs, cfg.lr,
                        "frozen" if pretrained else "all"))
         stages.append((f"fine-tune from {FINETUNE_FROM}", cfg.finetune_epochs, cfg.lr / 10, FINETUNE_FROM))
     t0, per_stage = time.time(), []
