@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from edge.card import atomic_write_text
-from edge.detect import detect
+from edge.detect import crop
 from edge.field import FieldOptions, analyze
 from edge.operating import describe, field_point, operating_point
 from edge.images import load_image
@@ -31,7 +31,8 @@ from train.synthetic import SynthParams, load_crops, make_field
 
 
 
-def real_fields(root: Path, model, opts: FieldOptions, log=print) -> dict:
+def real_fields(root: Path, model, opts: FieldOptions, log=print, crops: list | None = None) -> dict:
+    """crops: if given, field mode's crop of every counted cell is appended to it (for every_model_on_real_crops)."""
     out, tot, tot_core = [], None, None
     session_pos = session_n = 0
     for img in sorted((root / "Img").glob("*.jpg")):
@@ -40,6 +41,8 @@ def real_fields(root: Path, model, opts: FieldOptions, log=print) -> dict:
         t_dec = time.perf_counter() - t0
         res = analyze(rgb, str(img), model, opts)
         det = res.detection
+        if crops is not None:
+            crops += [crop(rgb, c) for c in det.cells if c.status == "ok"]
         pts = read_point_set(root / "GT" / f"{img.stem}.txt", exif_orientation(img))
         s = score(det.cells, pts, det.eyepiece, det.scale)
         r = max(1, int(det.diameter_px * det.scale / 2))
@@ -74,16 +77,10 @@ def real_fields(root: Path, model, opts: FieldOptions, log=print) -> dict:
             "session": e.as_dict()}
 
 
-def every_model_on_real_crops(root: Path, model_paths: list[Path], log=print) -> list[dict]:
+def every_model_on_real_crops(crops: list[np.ndarray], model_paths: list[Path], log=print) -> list[dict]:
     """The crops field mode cuts from the real (all uninfected) fields, classified by each shipped model at
     its card threshold and its counting point: how many it calls Parasitized."""
-    from edge.detect import crop
     from edge.field import classify_crops
-    crops = []
-    for img in sorted((root / "Img").glob("*.jpg")):
-        rgb = load_image(img)
-        det = detect(rgb)
-        crops += [crop(rgb, c) for c in det.cells if c.status == "ok"]
     rows = []
     for path in model_paths:
         m = load_classifier(path)
@@ -278,7 +275,8 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
            "screen": None if point.screen is None else point.screen.record(),
            "machine": machine()}
     log("real fields")
-    res["real"] = real_fields(fields_root, model, opts, log)
+    real_crops = []
+    res["real"] = real_fields(fields_root, model, opts, log, crops=real_crops)
     log("synthetic fields")
     pools = {pi: field_pool(data_dir, crops_root, model, opts, split="test", parasitemia=pi,
                             fields_per_group=fields_per_group, log=log) for pi in levels}
@@ -287,7 +285,7 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
     log("every shipped classifier on the real fields' crops")
     from edge.runtime import installed_classifiers
     shipped = [p for p, _ in installed_classifiers()]
-    res["real_crops_all_models"] = every_model_on_real_crops(fields_root, shipped, log)
+    res["real_crops_all_models"] = every_model_on_real_crops(real_crops, shipped, log)
     if point.screen is not None:
         log("the screen under stain and camera shifts (validation crops)")
         res["screen_under_shift"] = screen_under_shift(model, point, data_dir, log)
