@@ -68,6 +68,8 @@ def comparison(model_paths: list[Path], figure: Path | None = None) -> str:
         ci = t.get("ci95", {})
         strategy = {"cnn": "from scratch", "mobilenetv2-frozen": "base frozen"}.get(
             c.recipe, "from scratch, then top blocks at lr/10" if "scratch" in c.weights_origin else "fine-tuned")
+        if (c.training or {}).get("init"):
+            strategy += f"; continued from {c.training['init']}"
         lines.append(
             f"| {c.name} | {c.recipe} | {strategy} (weights: {c.weights_origin}) | {t['accuracy']:.4f} "
             f"[{ci['accuracy'][0]:.4f}, {ci['accuracy'][1]:.4f}] | {t['precision']:.4f} | {t['recall']:.4f} | "
