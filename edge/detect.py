@@ -37,6 +37,11 @@ class DetectParams:
     seed_spacing: float = 0.55  # × radius: distance-transform peaks closer than this merge into one seed
     seed_height: float = 0.45  # × radius: peaks lower than this seed no cell
     edge_margin: int = 2  # working px: a region this close to the image or eyepiece edge touches it
+    # × diameter: the band inside the eyepiece disc's rim, where the field darkens into the black outside,
+    # is left out before cells are found: by colour it is foreground, and cells beside it took a tail of it
+    # (kept as whole, crops with a dark streak). 0.1 on the 4 real photos: recall 0.993 → 0.988, precision
+    # in the disc 0.944 → 0.954; on 12 synthetic eyepiece fields 0.977 → 0.972 and 0.916 → 0.934.
+    rim_halo: float = 0.1
     whole_at_edge: float = 0.9  # × median cell area: a region touching an edge but this large is whole enough
     # Stain, as depth below the cells' level in units of (background − cell level): a region whose
     # pixels are over stain_share deep-dark (below deep_level), or over wbc_dark_share dark (below
@@ -189,8 +194,13 @@ def detect(rgb: np.ndarray, params: DetectParams = DetectParams()) -> Detection:
         return Detection([], float(diameter or 0), 1.0, work=rgb, note="no cells found (nothing cell-sized in the image)")
     scale = min(1.0, p.work_diameter / diameter)
     work = _shrink(rgb, scale)
-    inside = eyepiece_mask(work, p)
-    det = Detection([], float(diameter), scale, inside, work)
+    disc = eyepiece_mask(work, p)
+    det = Detection([], float(diameter), scale, disc, work)
+    halo = round(p.rim_halo * p.work_diameter)
+    inside = disc
+    if halo and not disc.all():
+        inside = cv2.erode(disc.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * halo + 1,) * 2),
+                           borderType=cv2.BORDER_CONSTANT, borderValue=1).astype(bool)
     fg, det.threshold, det.background_level, det.cell_level = _foreground(work, inside, p.work_diameter)
     if not fg.any():
         det.note = "no cells found (no contrast between cells and background)"

@@ -60,7 +60,7 @@ def test_real_field_detection_recall_and_precision(real_detection):
     s = score(real_detection.cells, pts, real_detection.eyepiece, real_detection.scale)
     assert s.gt == 292
     assert s.recall >= 0.97, s.as_dict()
-    assert s.precision >= 0.92, s.as_dict()
+    assert s.precision >= 0.95, s.as_dict()  # the target; cells beside the rim no longer take its dark band
     assert 90 < real_detection.diameter_px < 130  # NIH crops of this slide are ~110-140 px
 
 
