@@ -57,8 +57,10 @@ def markdown(res: dict, n: int) -> str:
 
 def keras_predictor(path: Path):
     import keras
+
+    from train.evaluate import keras_predict
     model = keras.models.load_model(path, compile=False)
-    return lambda x: model.predict(x.astype(np.float32), batch_size=128, verbose=0).reshape(-1)
+    return lambda x: keras_predict(model, x)
 
 
 if __name__ == "__main__":
