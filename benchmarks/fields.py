@@ -141,10 +141,12 @@ def screen_under_shift(model, point, data_dir: Path, log=print) -> list[dict]:
     rows = []
     for name, kw in SHIFTS.items():
         x = shifted(x0, **kw)
-        alone, screened = model.predict(x) >= point.threshold, predict(model, x, point.screen) >= point.threshold
+        p_alone, p_screened = model.predict(x), predict(model, x, point.screen)
+        alone, screened = p_alone >= point.threshold, p_screened >= point.threshold
+        solo = rates(y, p_alone, point.threshold)
         rows.append({"shift": name, "kept": float(screened[alone].mean()) if alone.any() else None,
-                     "sensitivity_alone": float(alone[y == 1].mean()), "specificity_alone": float(1 - alone[y == 0].mean()),
-                     "sensitivity": float(screened[y == 1].mean()), "specificity": float(1 - screened[y == 0].mean())})
+                     "sensitivity_alone": solo["sensitivity"], "specificity_alone": solo["specificity"],
+                     **rates(y, p_screened, point.threshold)})
         log(f"  {name}: the screen keeps {rows[-1]['kept']:.3f} of the model's counting positives")
     return rows
 
@@ -184,7 +186,7 @@ def simulate_sessions(pools: dict[float, dict], opts: FieldOptions, sessions: in
     return rows
 
 
-def _rates(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+def rates(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     """Sensitivity and specificity of the calls at threshold (None for a class with no cells)."""
     return {"sensitivity": float(np.mean(p[y == 1] >= threshold)) if (y == 1).any() else None,
             "specificity": float(np.mean(p[y == 0] < threshold)) if (y == 0).any() else None}
@@ -198,7 +200,7 @@ def pool_summary(pool: dict, threshold: float) -> dict:
     y, p = pool["labels"], pool["probs"]
     return {"fields": pool["fields"], "recall": pool["recall"], "precision": pool["precision"],
             "cells": int(len(y)), "infected": int(y.sum()), "counted_infected": pool["counted_infected"],
-            "counted_uninfected": pool["counted_uninfected"], **_rates(y, p, threshold)}
+            "counted_uninfected": pool["counted_uninfected"], **rates(y, p, threshold)}
 
 
 def by_condition(pools: dict[float, dict], threshold: float) -> list[dict]:
@@ -212,7 +214,7 @@ def by_condition(pools: dict[float, dict], threshold: float) -> list[dict]:
         gt = sum(int(q["gt_by_condition"][v]) for q in pools.values())
         found = sum(int(q["found_by_condition"][v]) for q in pools.values())
         rows.append({"condition": name, "recall": found / max(gt, 1), "cells": int(len(y)), "infected": int(y.sum()),
-                     **_rates(y, p, threshold)})
+                     **rates(y, p, threshold)})
     return rows
 
 

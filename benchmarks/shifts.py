@@ -14,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.fields import SHIFTS, shifted
+from benchmarks.fields import SHIFTS, rates, shifted
 from edge.card import atomic_write_text
-from edge.metrics import roc_auc, threshold_for_specificity
-
-COUNTING_SPECIFICITY = 0.995
+from edge.metrics import OPERATING_RULES, roc_auc, threshold_for_specificity
 
 
 def score(models: dict[str, object], x0: np.ndarray, y: np.ndarray, log=print) -> dict:
@@ -28,9 +26,8 @@ def score(models: dict[str, object], x0: np.ndarray, y: np.ndarray, log=print) -
     out = {}
     for m, predict in models.items():
         probs = {name: predict(x) for name, x in shifted_x.items()}
-        thr = threshold_for_specificity(y, probs["none"], COUNTING_SPECIFICITY)
-        rows = [{"shift": name, "auc": roc_auc(y, p), "accuracy": float(((p >= 0.5) == y).mean()),
-                 "sensitivity": float((p[y == 1] >= thr).mean()), "specificity": float((p[y == 0] < thr).mean())}
+        thr = threshold_for_specificity(y, probs["none"], OPERATING_RULES["counting"][1])
+        rows = [{"shift": name, "auc": roc_auc(y, p), "accuracy": float(((p >= 0.5) == y).mean()), **rates(y, p, thr)}
                 for name, p in probs.items()]
         out[m] = {"threshold": thr, "rows": rows,
                   "mean_sensitivity_shifted": float(np.mean([r["sensitivity"] for r in rows[1:]]))}

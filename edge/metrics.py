@@ -123,16 +123,19 @@ def operating_point(y, p, threshold: float, rule: str = "", groups=None) -> dict
     the patient of each sample (`groups`), each patient's counts too, since a smear is one patient and the
     rates vary from one to the next."""
     y, p = np.asarray(y).astype(int), np.asarray(p, float)
-    (tn, fp), (fn, tp) = confusion(y, (p >= threshold).astype(int)).astype(int).tolist()
-    op = {"threshold": float(threshold), "rule": rule, "sensitivity": tp / max(1, tp + fn),
-          "specificity": tn / max(1, tn + fp), "counts": {"tp": tp, "fn": fn, "tn": tn, "fp": fp}}
+    call = (p >= threshold).astype(int)
+    c = _counts(y, call)
+    op = {"threshold": float(threshold), "rule": rule, "sensitivity": c["tp"] / max(1, c["tp"] + c["fn"]),
+          "specificity": c["tn"] / max(1, c["tn"] + c["fp"]), "counts": c}
     if groups is not None:
-        g, call = np.asarray(groups), p >= threshold
-        op["counts_by_patient"] = [
-            {"tp": int(np.sum(call[m] & (y[m] == 1))), "fn": int(np.sum(~call[m] & (y[m] == 1))),
-             "tn": int(np.sum(~call[m] & (y[m] == 0))), "fp": int(np.sum(call[m] & (y[m] == 0)))}
-            for m in (g == k for k in np.unique(g))]
+        g = np.asarray(groups)
+        op["counts_by_patient"] = [_counts(y[m], call[m]) for m in (g == k for k in np.unique(g))]
     return op
+
+
+def _counts(y: np.ndarray, call: np.ndarray) -> dict:
+    (tn, fp), (fn, tp) = confusion(y, call).astype(int).tolist()
+    return {"tp": tp, "fn": fn, "tn": tn, "fp": fp}
 
 
 def operating_points(y, p, rules: dict = OPERATING_RULES, groups=None) -> dict:
