@@ -57,6 +57,14 @@ class DetectParams:
     wbc_area: float = 1.3  # × median cell area
     platelet_area: float = 0.6  # × median cell area
     mask_dilate: float = 0.04  # × diameter: grow masks so the crop keeps the cell's rim
+    # × diameter: what is cropped of a cell grows into background only, and stops this far short of a
+    # touching neighbour's region. A crop that takes in a neighbour's edge takes in its parasite too: on synthetic
+    # fields of the validation patients (counting-fast, 8,000 cells per level) specificity went 0.9895 /
+    # 0.9877 / 0.9843 → 0.9912 / 0.9898 / 0.9881 at 0.5 / 2 / 5% parasitemia, sensitivity 0.810 / 0.839 /
+    # 0.808 → 0.786 / 0.832 / 0.759; the sessions' corrected bias +0.59 / +0.72 / +0.59 → +0.43 / +0.46 /
+    # −0.10 points (growing into background only, with no gap: +0.57 / +0.57 / +0.28). The detection
+    # (Cell.mask, scored and drawn) is not changed.
+    split_gap: float = 0.04
     small_cell_px: float = 50.0  # warn when cells are smaller than this at full resolution (the classifier
     # needs the parasite's few pixels)
 
@@ -69,6 +77,9 @@ class Cell:
     area_px: float  # at full resolution
     roundness: float  # 4πA/P² at working resolution: 1 for a disc
     status: str = "ok"  # ok | cut | small | large | wbc | platelets
+    # what is cropped, where it differs from `mask` (the detection): the mask short of touching neighbours
+    # (DetectParams.split_gap); bool, same box
+    crop_mask: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -292,6 +303,7 @@ def _regions(rgb, work, labels, n, inside, det: Detection, p: DetectParams) -> l
     deep = np.bincount(labels.ravel(), weights=(green < deep_t).ravel(), minlength=n + 1)
     slices, centroids = _bboxes(labels, n)
     grow = max(0, round(p.mask_dilate * det.diameter_px))
+    gap = max(0, round(p.split_gap * det.diameter_px))
     cells = []
     for k in present:
         y0, y1, x0, x1 = slices[k]
@@ -319,6 +331,18 @@ def _regions(rgb, work, labels, n, inside, det: Detection, p: DetectParams) -> l
             full = cv2.dilate(full.astype(np.uint8), cv2.getStructuringElement(
                 cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)), borderType=cv2.BORDER_CONSTANT,
                 borderValue=0).astype(bool)
+        cut_mask = None
+        if status == "ok":
+            # what is classified: the mask without the neighbours' regions (same padded window) and a gap beside them
+            nb = np.zeros_like(pad)
+            wy0, wx0 = max(0, y0 - 1), max(0, x0 - 1)
+            win = labels[wy0:y1 + 1, wx0:x1 + 1]
+            nb[wy0 - y0 + 1:wy0 - y0 + 1 + win.shape[0], wx0 - x0 + 1:wx0 - x0 + 1 + win.shape[1]] = (win != 0) & (win != k)
+            nb = cv2.warpAffine(nb, M, (X1 - X0, Y1 - Y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP) > 0.5
+            if nb.any():
+                if gap:
+                    nb = cv2.dilate(nb.view(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1,) * 2))
+                cut_mask = full & ~nb.astype(bool)
         bx0, by0, bw, bh = cv2.boundingRect(full.view(np.uint8))
         if bw == 0:
             continue
@@ -328,7 +352,7 @@ def _regions(rgb, work, labels, n, inside, det: Detection, p: DetectParams) -> l
         perim = sum(cv2.arcLength(c, True) for c in cs)
         round_ = float(min(1.0, 4 * np.pi * areas[k] / perim ** 2)) if perim else 0.0
         cells.append(Cell(box, full[by0:by1, bx0:bx1], (float(cx), float(cy)), float(areas[k] / s / s), round_,
-                          status))
+                          status, None if cut_mask is None else cut_mask[by0:by1, bx0:bx1]))
     return cells
 
 
@@ -357,6 +381,10 @@ def _bboxes(labels: np.ndarray, n: int) -> tuple[dict[int, tuple[int, int, int, 
 def crop(rgb: np.ndarray, cell: Cell) -> np.ndarray:
     """The cell at full resolution in its tight box, background set to black (as the NIH crops are)."""
     x, y, w, h = cell.box
-    c = rgb[y:y + h, x:x + w].copy()
-    c[~cell.mask] = 0
+    m = cell.mask if cell.crop_mask is None else cell.crop_mask
+    bx, by, bw, bh = cv2.boundingRect(m.view(np.uint8))
+    if bw == 0:  # nothing left short of the neighbours: the detection as it is
+        m, bx, by, bw, bh = cell.mask, 0, 0, w, h
+    c = rgb[y + by:y + by + bh, x + bx:x + bx + bw].copy()
+    c[~m[by:by + bh, bx:bx + bw]] = 0
     return c

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.detect import crop, detect
+from edge.detect import DetectParams, crop, detect
 from edge.field import FieldOptions, QualityParams, analyze, quality
 from edge.images import load_image
 from edge.metrics import operating_points, threshold_for_specificity
@@ -102,10 +102,32 @@ def test_darkly_stained_infected_cells_are_counted_not_taken_for_white_cells(cro
 def test_crops_are_cut_at_full_resolution_with_black_background(real_field, real_detection):
     cell = real_detection.accepted[len(real_detection.accepted) // 2]
     c = crop(real_field, cell)
-    assert c.shape[:2] == (cell.box[3], cell.box[2]) and 80 < max(c.shape[:2]) < 200
-    assert (c[~cell.mask] == 0).all() and c[cell.mask].mean() > 60
+    m = cell.mask if cell.crop_mask is None else cell.crop_mask
+    bx, by, bw, bh = cv2.boundingRect(m.view(np.uint8))
+    m = m[by:by + bh, bx:bx + bw]
+    assert c.shape[:2] == (bh, bw) and 80 < max(c.shape[:2]) < 200
+    assert (c[~m] == 0).all() and c[m].mean() > 60
     corners = np.array([c[0, 0], c[0, -1], c[-1, 0], c[-1, -1]])
     assert (corners == 0).all()
+
+
+def test_a_crop_stops_short_of_a_touching_neighbour_and_keeps_its_rim_towards_background():
+    img = np.full((300, 420, 3), (225, 205, 215), np.uint8)
+    centres = ((150, 150), (228, 150), (340, 70))  # two overlapping cells and one alone
+    for c in centres:
+        cv2.circle(img, c, 40, (175, 110, 145), -1)
+    det = detect(img, DetectParams(cell_diameter=80))
+    assert [c.status for c in det.cells] == ["ok"] * 3
+    left, right, alone = sorted(det.cells, key=lambda c: (c.centre[1] < 100, c.centre[0]))
+    assert alone.crop_mask is None and (crop(img, alone) > 0).any(axis=2).sum() == alone.mask.sum()
+    c = crop(img, left)
+    bx, by, _, _ = cv2.boundingRect(left.crop_mask.view(np.uint8))
+    x0, y0 = left.box[0] + bx, left.box[1] + by
+    for row in range(142, 159):  # where the two overlap, split at x = 189
+        xs = np.nonzero(c[row - y0].any(axis=1))[0] + x0
+        assert xs.max() <= 189 - 0.04 * 80  # stops a gap of 0.04 × 80 px short of the neighbour
+        assert xs.min() <= 110  # keeps its rim towards the background (its edge: x = 110)
+    assert left.mask.sum() > left.crop_mask.sum() and np.nonzero(left.mask)[1].max() + left.box[0] >= 189
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(scale=0.5, blur=1.0), dict(eyepiece=True)])
