@@ -265,9 +265,11 @@ def time_field(get, name: str, model, opts: FieldOptions, repeats: int = 5, warm
 
 
 def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, out: Path, sessions: int = 200,
-        levels=(0.005, 0.02, 0.05), fields_per_group: int = 3, point_name: str | None = None, log=print) -> dict:
+        levels=(0.005, 0.02, 0.05), fields_per_group: int = 3, point_name: str | None = None, split: str = "test",
+        log=print) -> dict:
     """point_name: the card's operating point to count at (default: field mode's). A screened point is
-    timed against its plain counting point in the same run."""
+    timed against its plain counting point in the same run. split: the patients the sessions' fields are
+    composed from (test: held out from every choice; val: where choices are made)."""
     model = load_classifier(model_path)
     point = operating_point(model, point_name or field_point(model))
     opts = FieldOptions.at(point)
@@ -280,7 +282,8 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
     real_crops = []
     res["real"] = real_fields(fields_root, model, opts, log, crops=real_crops)
     log("synthetic fields")
-    pools = {pi: field_pool(data_dir, crops_root, model, opts, split="test", parasitemia=pi,
+    res["split"] = split
+    pools = {pi: field_pool(data_dir, crops_root, model, opts, split=split, parasitemia=pi,
                             fields_per_group=fields_per_group, log=log) for pi in levels}
     res["sessions"] = simulate_sessions(pools, opts, sessions=sessions)
     res["pools_by_condition"] = by_condition(pools, point.threshold)
@@ -324,7 +327,7 @@ def markdown(r: dict) -> str:
               f"{s['raw_percent']:.2f}%, corrected **{s['parasitemia_percent']:.2f}%** "
               f"(95% interval {s['parasitemia_ci95'][0]:.2f}–{s['parasitemia_ci95'][1]:.2f}%).", "",
               "## Synthetic sessions", "",
-              "Each level has its own pool: fields composed at that parasitemia from the test split's crops "
+              f"Each level has its own pool: fields composed at that parasitemia from the {r.get('split', 'test')} split's crops "
               "(one patient group per field), run through detection and classification; sessions draw their "
               "counted cells from it, each class in the share the detector counted of it (a class it leaves out "
               "more often is under-counted), and are scored against the smear's parasitemia. The correction uses "

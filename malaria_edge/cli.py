@@ -473,14 +473,17 @@ def bench_front_cmd(folders, threads, rounds, out):
 @click.option("--sessions", default=200, show_default=True, help="Simulated sessions per parasitemia level.")
 @click.option("--operating-point", "point", default=None,
               help="The card's operating point to count at (default: field mode's, counting-fast where the card has it).")
+@click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True,
+              help="Which patients the synthetic sessions are composed from: test (held out from every choice) or val "
+                   "(where detection and counting choices are judged).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)
 @_fail_cleanly
-def bench_fields_cmd(model_path, data_dir, crops, fields_root, sessions, point, out):
+def bench_fields_cmd(model_path, data_dir, crops, fields_root, sessions, point, split, out):
     """Field mode: detection on real fields, corrected counts on simulated sessions, fields/s."""
     from benchmarks.fields import markdown, run
     from edge.runtime import default_model
     res = run(model_path or default_model("field"), data_dir, crops, fields_root, out, sessions, point_name=point,
-              log=click.echo)
+              split=split, log=click.echo)
     click.echo(markdown(res))
 
 
