@@ -305,6 +305,8 @@ def _regions(rgb, work, labels, n, inside, det: Detection, p: DetectParams) -> l
     slices, centroids = _bboxes(labels, n)
     grow = max(0, round(p.mask_dilate * det.diameter_px))
     gap = max(0, round(p.split_gap * det.diameter_px))
+    k_grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1,) * 2)
+    k_gap = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1,) * 2)
     cells = []
     for k in present:
         y0, y1, x0, x1 = slices[k]
@@ -320,31 +322,30 @@ def _regions(rgb, work, labels, n, inside, det: Detection, p: DetectParams) -> l
             status = "wbc" if areas[k] > p.platelet_area * med else "platelets"
         elif areas[k] > p.max_area * med:
             status = "large"
-        # full-resolution box and mask: the working-res mask (1 px padding) resized up
+        # full-resolution box and mask: the working-res labels (1 px padding, 0 beyond the image) resized up
         X0, Y0 = max(0, int((x0 - 1) / s)), max(0, int((y0 - 1) / s))
         X1, Y1 = min(W, int(np.ceil((x1 + 1) / s))), min(H, int(np.ceil((y1 + 1) / s)))
-        pad = np.zeros((y1 - y0 + 2, x1 - x0 + 2), np.float32)
-        pad[1:-1, 1:-1] = sub
+        wy0, wx0 = max(0, y0 - 1), max(0, x0 - 1)
+        win = np.zeros((y1 - y0 + 2, x1 - x0 + 2), labels.dtype)
+        lab = labels[wy0:y1 + 1, wx0:x1 + 1]
+        win[wy0 - y0 + 1:wy0 - y0 + 1 + lab.shape[0], wx0 - x0 + 1:wx0 - x0 + 1 + lab.shape[1]] = lab
         px0, py0 = (x0 - 1) / s, (y0 - 1) / s  # full-res origin of the padded patch
         M = np.float32([[s, 0, (X0 - px0) * s], [0, s, (Y0 - py0) * s]])
-        full = cv2.warpAffine(pad, M, (X1 - X0, Y1 - Y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP) > 0.5
+
+        def up(a):
+            return cv2.warpAffine(a.astype(np.float32), M, (X1 - X0, Y1 - Y0),
+                                  flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP) > 0.5
+        full = up(win == k)
         if grow and status == "ok":
-            full = cv2.dilate(full.astype(np.uint8), cv2.getStructuringElement(
-                cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)), borderType=cv2.BORDER_CONSTANT,
-                borderValue=0).astype(bool)
+            full = cv2.dilate(full.view(np.uint8), k_grow, borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
         cut_mask = None
-        if status == "ok":
-            # what is classified: the mask without the neighbours' regions (same padded window) and a gap beside them
-            wy0, wx0 = max(0, y0 - 1), max(0, x0 - 1)
-            win = labels[wy0:y1 + 1, wx0:x1 + 1]
-            near = (win != 0) & (win != k)
-            if near.any():
-                nb = np.zeros_like(pad)
-                nb[wy0 - y0 + 1:wy0 - y0 + 1 + win.shape[0], wx0 - x0 + 1:wx0 - x0 + 1 + win.shape[1]] = near
-                nb = cv2.warpAffine(nb, M, (X1 - X0, Y1 - Y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP) > 0.5
-                if gap:
-                    nb = cv2.dilate(nb.view(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1,) * 2))
-                cut_mask = full & ~nb.astype(bool)
+        near = (win != 0) & (win != k)
+        if status == "ok" and near.any():
+            # what is classified: the mask without the neighbours' regions and a gap beside them
+            nb = up(near)
+            if gap:
+                nb = cv2.dilate(nb.view(np.uint8), k_gap).astype(bool)
+            cut_mask = full & ~nb
         bx0, by0, bw, bh = cv2.boundingRect(full.view(np.uint8))
         if bw == 0:
             continue
