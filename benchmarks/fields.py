@@ -218,6 +218,24 @@ def by_condition(pools: dict[float, dict], threshold: float) -> list[dict]:
     return rows
 
 
+CONTACT_BINS = [(0.0, 0.0), (0.0, 0.05), (0.05, 0.10), (0.10, 1.0)]  # share of the mask left to neighbours
+
+
+def by_contact(pools: dict[float, dict], threshold: float) -> list[dict]:
+    """The session pools together, split by how much of each cell's mask its crop left to touching
+    neighbours (0: it touches none): what touching costs sensitivity and specificity."""
+    y = np.concatenate([q["labels"] for q in pools.values()])
+    p = np.concatenate([q["probs"] for q in pools.values()])
+    sh = np.concatenate([q["shared"] for q in pools.values()])
+    rows = []
+    for lo, hi in CONTACT_BINS:
+        m = sh == 0 if hi == 0 else (sh > lo) & (sh <= hi)
+        rows.append({"shared_from": lo, "shared_to": hi, "cells": int(m.sum()),
+                     "share_of_cells": float(m.mean()) if len(m) else 0.0, "infected": int(y[m].sum()),
+                     **rates(y[m], p[m], threshold)})
+    return rows
+
+
 def speed(model, points: dict[str, FieldOptions], real_photo: Path, crops_root: Path, data_dir: Path,
           repeats: int = 5) -> dict:
     """Median ms per field for each operating point: a 1280×960 synthetic field of ~200 cells, and a
@@ -287,6 +305,7 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
                             fields_per_group=fields_per_group, log=log) for pi in levels}
     res["sessions"] = simulate_sessions(pools, opts, sessions=sessions)
     res["pools_by_condition"] = by_condition(pools, point.threshold)
+    res["pools_by_contact"] = by_contact(pools, point.threshold)
     log("every shipped classifier on the real fields' crops")
     from edge.runtime import installed_classifiers
     shipped = [p for p, _ in installed_classifiers()]
@@ -354,6 +373,17 @@ def markdown(r: dict) -> str:
                   "|---|---:|---:|---:|---:|---:|"]
         for x in r["pools_by_condition"]:
             lines.append(f"| {x['condition']} | {x['recall']:.4f} | {x['cells']} | {x['infected']} | "
+                         f"{_fmt(x['sensitivity'], 3)} | {_fmt(x['specificity'], 4)} |")
+    if r.get("pools_by_contact"):
+        lines += ["", "By how much of each cell's mask its crop left to touching neighbours (the overlap the split gave "
+                  "them and a gap beside it; 0: the cell touches none):", "",
+                  "| mask left to neighbours | cells | share of cells | infected | sensitivity | specificity |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for x in r["pools_by_contact"]:
+            what = ("none (touches no cell)" if x["shared_to"] == 0 else
+                    f"over {x['shared_from']:.0%}" if x["shared_to"] >= 1 else
+                    f"{x['shared_from']:.0%}–{x['shared_to']:.0%}" if x["shared_from"] else f"under {x['shared_to']:.0%}")
+            lines.append(f"| {what} | {x['cells']} | {x['share_of_cells']:.3f} | {x['infected']} | "
                          f"{_fmt(x['sensitivity'], 3)} | {_fmt(x['specificity'], 4)} |")
     if r.get("screen_under_shift"):
         lines += ["", "## The screen under stain and camera shifts (validation crops)", "",

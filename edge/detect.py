@@ -82,6 +82,12 @@ class Cell:
     # (DetectParams.split_gap); bool, same box
     crop_mask: np.ndarray | None = field(default=None, repr=False)
 
+    @property
+    def shared(self) -> float:
+        """Share of the mask that the crop leaves to touching neighbours (0 when none touches): where a
+        parasite on the rim a neighbour touches is cut away, and field mode's sensitivity goes."""
+        return 0.0 if self.crop_mask is None else 1.0 - float(self.crop_mask.sum()) / max(1, int(self.mask.sum()))
+
 
 @dataclass
 class Detection:

@@ -130,6 +130,19 @@ def test_a_crop_stops_short_of_a_touching_neighbour_and_keeps_its_rim_towards_ba
     assert left.mask.sum() > left.crop_mask.sum() and np.nonzero(left.mask)[1].max() + left.box[0] >= 189
 
 
+def test_a_cell_leaves_more_of_its_mask_to_a_neighbour_the_deeper_they_overlap():
+    img = np.full((300, 560, 3), (225, 205, 215), np.uint8)
+    for c in ((80, 150), (158, 150), (330, 150), (394, 150), (500, 60)):  # pairs 78 and 64 px apart, one alone
+        cv2.circle(img, c, 40, (175, 110, 145), -1)
+    det = detect(img, DetectParams(cell_diameter=80))
+    assert [c.status for c in det.cells] == ["ok"] * 5
+    shared = [c.shared for c in sorted(det.cells, key=lambda c: c.centre[0])]
+    assert shared[4] == 0  # touches none
+    # each of a pair leaves the same share; a 64 px pair leaves more (an overlap 16 px deep, not 2)
+    assert shared[0] == pytest.approx(shared[1], abs=0.01) and shared[2] == pytest.approx(shared[3], abs=0.01)
+    assert 0.01 < shared[0] < 0.05 and shared[2] > shared[0] + 0.015
+
+
 @pytest.mark.parametrize("variant", [dict(), dict(scale=0.5, blur=1.0), dict(eyepiece=True)])
 def test_synthetic_field_detection_recall(crops_by_group, variant):
     pos, neg = crops_by_group
@@ -420,6 +433,9 @@ def test_the_field_pool_keeps_each_found_cells_true_label_and_probability(export
     assert len(pool["conditions"]) == len(pool["labels"]) and pool["conditions"][0] == 0
     assert pool["gt_by_condition"].sum() == pool["gt"] and pool["found_by_condition"].sum() <= pool["gt"]
     assert 0 < pool["counted_infected"] <= 1 and 0.8 < pool["counted_uninfected"] <= 1
+    # and how much of its mask it left to touching neighbours: some touch none, most touch one
+    assert len(pool["shared"]) == len(pool["labels"]) and np.all((pool["shared"] >= 0) & (pool["shared"] < 0.5))
+    assert 0 < np.mean(pool["shared"] == 0) < 0.9
 
 
 def test_sessions_count_infected_cells_in_the_share_the_detector_finds_them():
@@ -450,6 +466,18 @@ def test_pools_split_by_imaging_condition_count_each_cell_once():
                        "sensitivity": 0.5, "specificity": 0.5}
     assert rows[1]["cells"] == 1 and rows[1]["sensitivity"] is None and rows[1]["specificity"] == 1.0
     assert rows[2]["cells"] == 0 and rows[2]["recall"] == 0 and rows[2]["specificity"] is None
+
+
+def test_pools_split_by_contact_put_each_cell_in_one_bin():
+    from benchmarks.fields import by_contact
+    pools = {0.01: {"labels": np.array([1, 0, 1, 0]), "probs": np.array([0.9, 0.1, 0.2, 0.8]),
+                    "shared": np.array([0.0, 0.0, 0.03, 0.3])},
+             0.05: {"labels": np.array([1]), "probs": np.array([0.7]), "shared": np.array([0.05])}}
+    rows = by_contact(pools, threshold=0.5)
+    assert [r["cells"] for r in rows] == [2, 2, 0, 1] and sum(r["share_of_cells"] for r in rows) == pytest.approx(1)
+    assert rows[0]["sensitivity"] == 1.0 and rows[0]["specificity"] == 1.0  # the two cells touching none
+    assert rows[1]["sensitivity"] == 0.5 and rows[1]["specificity"] is None  # 0.03 and 0.05 (its upper edge)
+    assert rows[3]["specificity"] == 0.0 and rows[3]["infected"] == 0
 
 
 def test_every_model_check_classifies_the_same_real_crops_with_each_model():

@@ -50,10 +50,10 @@ def found_cells(res: FieldResult, truth: list) -> list[tuple]:
 def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, split: str = "val",
                fields_per_group: int = 2, parasitemia: float = POOL_PARASITEMIA, seed: int = 1000,
                log=print) -> dict:
-    """(true label, P(Parasitized), imaging condition) of every found cell of synthetic fields from one
-    split's infected patients, with detection recall and precision overall and per condition, and the
+    """(true label, P(Parasitized), imaging condition, share of its mask left to touching neighbours) of
+    every found cell of synthetic fields from one split's infected patients, with detection recall and precision overall and per condition, and the
     share of each class's cells counted."""
-    labels, probs, conds, n_gt, n_found, n_det, n_correct, k = [], [], [], 0, 0, 0, 0, 0
+    labels, probs, conds, shared, n_gt, n_found, n_det, n_correct, k = [], [], [], [], 0, 0, 0, 0, 0
     gt_infected = gt_uninfected = 0
     gt_by, found_by = np.zeros(len(VARIANTS), int), np.zeros(len(VARIANTS), int)
     for g, (pos, neg) in sorted(patient_crops(data_dir, crops_root, split).items()):
@@ -68,10 +68,11 @@ def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, spli
             gt_by[v], found_by[v] = gt_by[v] + s.gt, found_by[v] + s.found
             inf = sum(t.label == "Parasitized" for t in f.red_cells)
             gt_infected, gt_uninfected = gt_infected + inf, gt_uninfected + len(f.red_cells) - inf
-            for t, _, call in found_cells(res, f.red_cells):
+            for t, cell, call in found_cells(res, f.red_cells):
                 labels.append(int(t.label == "Parasitized"))
                 probs.append(call.prob_parasitized)
                 conds.append(v)
+                shared.append(cell.shared)
     y = np.array(labels)
     log(f"  {split} field pool: {k} fields, detection recall {n_found / max(n_gt, 1):.4f}, "
         f"{len(y)} cells ({int(y.sum())} infected)")
@@ -81,4 +82,5 @@ def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, spli
             # detector leaves out more often is under-counted before any classifier error
             "counted_infected": int(y.sum()) / max(gt_infected, 1),
             "counted_uninfected": int(len(y) - y.sum()) / max(gt_uninfected, 1),
-            "conditions": np.array(conds, int), "gt_by_condition": gt_by, "found_by_condition": found_by}
+            "conditions": np.array(conds, int), "gt_by_condition": gt_by, "found_by_condition": found_by,
+            "shared": np.array(shared, float)}
