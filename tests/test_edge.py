@@ -58,6 +58,17 @@ def test_every_real_cell_crop_has_stain_colour_and_its_grey_copy_has_none(cell_f
     assert all(not_a_cell(g, 128).startswith("no stain colour") for g in greys)
 
 
+def test_int8_model_input_is_each_pixel_minus_128():
+    from edge.preprocess import to_model_input
+    x = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    x[0, 0, 0] = (0, 128, 255)
+    q = to_model_input(x, "int8", 1.0, -128)
+    assert q.dtype == np.int8 and q.shape == x.shape
+    assert np.array_equal(q.astype(int), x.astype(int) - 128) and list(q[0, 0, 0]) == [-128, 0, 127]
+    # any other quantization goes the general way: round(pixel / scale + zero point), clipped
+    assert list(to_model_input(x[:1, :1, :1], "int8", 2.0, -100)[0, 0, 0]) == [-100, -36, 28]  # 127.5 − 100 rounds to even
+
+
 def test_single_file_glob_and_missing_file(exported, cell_files, tmp_path):
     m = exported / "tiny_int8.onnx"
     one = infer(cell_files[0], "--model", m, "--format", "jsonl")

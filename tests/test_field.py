@@ -316,6 +316,16 @@ def test_quality_gate_rejects_a_dark_field(real_field):
     assert _quality_reason((small * 0.2).astype(np.uint8)).startswith("too dark")
 
 
+def test_quality_gate_rejects_an_overexposed_field_and_says_how_much_is_saturated(real_field):
+    small = np.ascontiguousarray(real_field[::2, ::2])
+    bright = np.clip(small.astype(np.float32) * 1.6, 0, 255).astype(np.uint8)
+    det = detect(bright)
+    reason, m = quality(bright, det, QualityParams())
+    saturated = (det.work >= 250).all(axis=2)[det.eyepiece].mean()  # every channel at the top, inside the disc
+    assert reason.startswith("overexposed") and m["clipped"] == pytest.approx(saturated, abs=1e-4) and saturated > 0.25
+    assert quality(small, detect(small), QualityParams())[1]["clipped"] < 0.01
+
+
 @pytest.mark.parametrize("rgb", [np.zeros((960, 1280, 3), np.uint8), np.full((960, 1280, 3), 230, np.uint8),
                                  np.zeros((8, 8, 3), np.uint8)], ids=["black", "empty", "tiny"])
 def test_fields_with_nothing_in_them_are_rejected_not_crashed(rgb):
