@@ -194,14 +194,14 @@ def served(tmp_path_factory):
     proc.wait(10)
 
 
-def _browser():
+def _browser(height: int = 1000):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium")
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000"):
+                 f"--window-size=1400,{height}"):
         opts.add_argument(flag)
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
 
@@ -228,6 +228,41 @@ def test_in_a_real_browser_an_uploaded_cell_gets_its_prediction(served, tmp_path
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
         print(f"first paint {first_paint:.2f} s (browser start excluded)")
+    finally:
+        driver.quit()
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")) and os.environ.get("CI") != "true",
+                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+def test_in_a_real_browser_an_uploaded_field_photo_is_counted(served, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+    from edge.field import FieldOptions, analyze
+    from edge.images import load_image
+    from edge.operating import field_point, operating_point
+    from edge.runtime import default_model, load_classifier
+    m = load_classifier(default_model("field"))
+    res = analyze(load_image(FIELD), str(FIELD), m, FieldOptions.at(operating_point(m, field_point(m))))
+    driver = _browser(height=1660)
+    try:
+        driver.get(served)
+        wait = WebDriverWait(driver, 120)
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
+        next(t for t in driver.find_elements(By.CSS_SELECTOR, "[role=tab]") if t.text == "Fields").click()
+        box = wait.until(lambda d: next((u for u in d.find_elements(By.CSS_SELECTOR, "[data-testid=stFileUploader]")
+                                         if "Field photos" in u.text), None))  # its text shows once the tab is open
+        box.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(FIELD))
+        wait.until(lambda d: "Red cells counted" in d.find_element(By.TAG_NAME, "body").text)
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "img[src*='media']")))
+        body = driver.find_element(By.TAG_NAME, "body").text
+        # the page shows what the library counts on the same photo at the field model's field point
+        assert f"{res.rbc} / 2000" in body and "95% interval" in body and "not reached" in body
+        called = {f"{FIELD.name} #{c.cell} P=" for c in res.cells if c.status == "ok" and c.label == "Parasitized"}
+        assert len(called) == res.positive and all(c in body for c in called)  # the gallery: each positive cell
+        shot = Path(os.environ.get("APP_FIELDS_SCREENSHOT", tmp_path / "fields.png"))
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
     finally:
         driver.quit()
 

@@ -433,6 +433,7 @@ def test_video_that_yields_no_frames_fails(tmp_path):
 
 def test_the_field_pool_keeps_each_found_cells_true_label_and_probability(exported, prepared):
     from tests.conftest import CELLS
+    from train.data import load_prepared
     from train.fieldpool import field_pool
     m = load_classifier(exported / "tiny_int8.tflite")
     pool = field_pool(prepared, CELLS, m, FieldOptions(0.5, COUNTS), "val", fields_per_group=1, log=lambda *_: None)
@@ -446,6 +447,8 @@ def test_the_field_pool_keeps_each_found_cells_true_label_and_probability(export
     # and how much of its mask it left to touching neighbours: some touch none, most touch one
     assert len(pool["shared"]) == len(pool["labels"]) and np.all((pool["shared"] >= 0) & (pool["shared"] < 0.5))
     assert 0 < np.mean(pool["shared"] == 0) < 0.9
+    d = load_prepared(prepared)  # each cell's patient: one of the validation split's
+    assert len(pool["groups"]) == len(pool["labels"]) and set(pool["groups"]) <= {d.groups[i] for i in d.indices("val")}
 
 
 def test_sessions_count_infected_cells_in_the_share_the_detector_finds_them():
@@ -458,6 +461,28 @@ def test_sessions_count_infected_cells_in_the_share_the_detector_finds_them():
     row = simulate_sessions({0.1: pool}, FieldOptions(0.5, perfect), sessions=50)[0]
     counted = 100 * 0.05 / (0.05 + 0.9)  # of a smear at 10%: 5 infected counted per 90 uninfected
     assert row["bias_pp"] == pytest.approx(counted - 10, abs=0.3)
+
+
+def _two_patient_pool(hits_a: int, hits_b: int) -> dict:
+    # patients A and B, each 100 infected cells (hits_* of them called) and 1,000 uninfected (5 called)
+    y = np.array(([1] * 100 + [0] * 1000) * 2)
+    called = np.zeros(2200, bool)
+    called[:hits_a] = called[1100:1100 + hits_b] = True
+    called[100:105] = called[1200:1205] = True
+    return {"labels": y, "probs": called.astype(float), "groups": np.array(["A"] * 1100 + ["B"] * 1100),
+            "counted_infected": 1.0, "counted_uninfected": 1.0}
+
+
+def test_the_bias_interval_over_patients_is_narrow_when_they_agree_and_wide_when_they_do_not():
+    from benchmarks.fields import bias_over_patients
+    from edge.field import FieldOptions
+    opts = FieldOptions(0.5, {"tp": 800, "fn": 200, "tn": 995, "fp": 5})  # the card: Se 0.8, Sp 0.995
+    lo, hi = bias_over_patients(_two_patient_pool(80, 80), 0.05, opts)  # both read as the card says
+    assert -0.15 < lo < hi < 0.15
+    # A finds every infected cell and B 60%: redrawn, the pool is A twice (+1.25 points: 5% read as 5% / 0.8),
+    # B twice (-1.25) or one of each (0)
+    lo, hi = bias_over_patients(_two_patient_pool(100, 60), 0.05, opts)
+    assert lo == pytest.approx(-1.25, abs=0.2) and hi == pytest.approx(1.25, abs=0.2)
 
 
 def test_pools_split_by_imaging_condition_count_each_cell_once():

@@ -50,10 +50,10 @@ def found_cells(res: FieldResult, truth: list) -> list[tuple]:
 def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, split: str = "val",
                fields_per_group: int = 2, parasitemia: float = POOL_PARASITEMIA, seed: int = 1000,
                log=print) -> dict:
-    """(true label, P(Parasitized), imaging condition, share of its mask left to touching neighbours) of
-    every found cell of synthetic fields from one split's infected patients, with detection recall and precision overall and per condition, and the
-    share of each class's cells counted."""
-    labels, probs, conds, shared, n_gt, n_found, n_det, n_correct, k = [], [], [], [], 0, 0, 0, 0, 0
+    """(true label, P(Parasitized), imaging condition, share of its mask left to touching neighbours,
+    patient group) of every found cell of synthetic fields from one split's infected patients, with
+    detection recall and precision overall and per condition, and the share of each class's cells counted."""
+    labels, probs, conds, shared, groups, n_gt, n_found, n_det, n_correct, k = [], [], [], [], [], 0, 0, 0, 0, 0
     gt_infected = gt_uninfected = 0
     gt_by, found_by = np.zeros(len(VARIANTS), int), np.zeros(len(VARIANTS), int)
     for g, (pos, neg) in sorted(patient_crops(data_dir, crops_root, split).items()):
@@ -73,6 +73,7 @@ def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, spli
                 probs.append(call.prob_parasitized)
                 conds.append(v)
                 shared.append(cell.shared)
+                groups.append(g)
     y = np.array(labels)
     log(f"  {split} field pool: {k} fields, detection recall {n_found / max(n_gt, 1):.4f}, "
         f"{len(y)} cells ({int(y.sum())} infected)")
@@ -83,4 +84,4 @@ def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, spli
             "counted_infected": int(y.sum()) / max(gt_infected, 1),
             "counted_uninfected": int(len(y) - y.sum()) / max(gt_uninfected, 1),
             "conditions": np.array(conds, int), "gt_by_condition": gt_by, "found_by_condition": found_by,
-            "shared": np.array(shared, float)}
+            "shared": np.array(shared, float), "groups": np.array(groups)}
