@@ -246,8 +246,8 @@ def by_condition(pools: dict[float, dict], threshold: float) -> list[dict]:
     return rows
 
 
-# on a shared 2-core VM a field's time moved 67–113 ms between runs of the same code; a median of 15 rounds
-# holds against a neighbour's burst better than one of 5
+# on this shared 2-core VM one field's detection took 82–113 ms in runs of 5 rounds within an hour, 72–74 ms
+# in runs of 15: a median of 15 rounds holds against a neighbour's burst better
 SPEED_REPEATS = 15
 CONTACT_BINS = [(0.0, 0.0), (0.0, 0.05), (0.05, 0.10), (0.10, 1.0)]  # share of the mask left to neighbours
 

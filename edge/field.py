@@ -115,7 +115,7 @@ def quality(rgb: np.ndarray, det: Detection, q: QualityParams) -> tuple[str, dic
     inside = det.eyepiece if det.eyepiece is not None else np.ones(work.shape[:2], bool)
     sharp = focus(rgb, det, q)
     n_inside = int(np.count_nonzero(inside))
-    low = np.minimum(np.minimum(work[..., 0], work[..., 1]), work[..., 2])  # not .min(axis): 20× slower on 3 channels
+    low = np.minimum(np.minimum(work[..., 0], work[..., 1]), work[..., 2])  # .min(axis) on 3 channels: 50× slower
     clipped = np.count_nonzero((low >= 250) & inside) / n_inside if n_inside else 0.0
     colour = stain_colour(work, inside)
     ok = det.accepted
