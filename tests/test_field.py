@@ -74,6 +74,19 @@ def test_cells_too_small_for_the_preview_are_measured_on_a_larger_one(real_field
     assert detect(np.tile(tile, (8, 11, 1))).diameter_px == pytest.approx(one, rel=0.15)
 
 
+@pytest.mark.parametrize("zoom", [1.8, 3.0])
+def test_cells_at_high_magnification_are_measured_whole_and_the_field_is_counted(real_field, zoom):
+    # 1,800-px views of the photo's centre with cells ~200 and ~340 px across: the cell size follows the
+    # zoom (once measured as the ring around each pale centre, ~90 px, which the focus gate then rejected)
+    h, w = real_field.shape[:2]
+    side = round(1800 / zoom)
+    view = real_field[h // 2 - side // 2:h // 2 + side // 2, w // 2 - side // 2:w // 2 + side // 2]
+    big = cv2.resize(view, (1800, 1800), interpolation=cv2.INTER_CUBIC)
+    det = detect(big)
+    assert det.diameter_px == pytest.approx(zoom * detect(view).diameter_px, rel=0.1)
+    assert _quality_reason(big) == ""
+
+
 def test_white_cell_with_a_nucleus_is_not_counted_as_a_red_cell():
     photo = NIH_FIELDS / "Img" / "IMG_20150614_125741.jpg"  # a neutrophil among ~300 red cells
     wbc = [p for p in read_point_set(NIH_FIELDS / "GT" / f"{photo.stem}.txt", exif_orientation(photo))
