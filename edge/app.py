@@ -272,7 +272,8 @@ def fields_tab(models: dict[str, Path]) -> None:
     st.subheader("Fields")
     st.dataframe([{"field": f["path"], "status": f["status"], "reason": f["reason"], "red cells": f["rbc_count"],
                    "parasitized": f["positive_count"], "cell px": f["cell_diameter_px"],
-                   "focus": f["quality"].get("focus", "")} for f in summary["fields"]], hide_index=True)
+                   "focus": f["quality"].get("focus", ""), "overlapped": f["quality"].get("overlapped", "")}
+                  for f in summary["fields"]], hide_index=True)
     for name, pic in overlays:
         st.image(to_rgb(pic), caption=f"{name}: green uninfected · red parasitized · grey left out")
     st.subheader(f"Positive cells ({len(gallery)}): crop and Grad-CAM of the Parasitized class")

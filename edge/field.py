@@ -30,6 +30,7 @@ class QualityParams:
     min_colour: float = GREY_CHROMA  # stain colour (edge.images.stain_colour) in the field: below, a grayscale or
     # monochrome image, which the classifier (trained on stained colour) cannot read
     min_cells: int = 10
+    overlap_share: float = 0.05  # reported, not gated: a cell leaving more of its mask than this to neighbours
     min_coverage: float = 0.05  # red-cell area / field area
     max_coverage: float = 0.95
 
@@ -116,14 +117,18 @@ def quality(rgb: np.ndarray, det: Detection, q: QualityParams) -> tuple[str, dic
     sharp = focus(rgb, det, q)
     n_inside = int(np.count_nonzero(inside))
     low = np.minimum(np.minimum(work[..., 0], work[..., 1]), work[..., 2])  # .min(axis) on 3 channels: 50× slower
-    clipped = np.count_nonzero((low >= 250) & inside) / n_inside if n_inside else 0.0
+    clipped = float(np.count_nonzero((low >= 250) & inside)) / n_inside if n_inside else 0.0
     colour = stain_colour(work, inside)
     ok = det.accepted
     area = sum(c.area_px for c in ok) * det.scale ** 2
     coverage = float(area / max(1, inside.sum()))
     roundness = float(np.median([c.roundness for c in ok])) if ok else 0.0
+    # not a gate: cells whose crop leaves over q.overlap_share of their mask to neighbours are where field
+    # mode's sensitivity falls (bench-fields' table by contact), so a crowded field reads low
+    overlapped = float(np.mean([c.shared > q.overlap_share for c in ok])) if ok else 0.0
     m = {"focus": round(sharp, 4), "roundness": round(roundness, 3), "background_level": round(det.background_level, 1),
-         "clipped": round(clipped, 4), "colour": round(colour, 1), "coverage": round(coverage, 3), "cells": len(ok)}
+         "clipped": round(clipped, 4), "colour": round(colour, 1), "coverage": round(coverage, 3), "cells": len(ok),
+         "overlapped": round(overlapped, 3)}
     if det.note and not ok:
         return det.note, m
     if det.background_level < q.min_background:

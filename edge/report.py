@@ -63,6 +63,10 @@ def data_uri(bgr: np.ndarray, ext: str = ".jpg") -> str:
     return f"data:image/{mime};base64,{base64.b64encode(encode(bgr, ext, 85)).decode()}"
 
 
+def _percent(share: float | None) -> str:
+    return "" if share is None else f"{100 * share:.0f}%"
+
+
 def write_session(out: Path, summary: dict) -> Path:
     path = out / "session.json"
     atomic_write_text(path, json.dumps(summary, indent=1) + "\n")
@@ -85,7 +89,8 @@ def write_html(out: Path, summary: dict, overlays: list[tuple[str, str]],
     rows = "".join(
         f"<tr><td>{html.escape(Path(f['path']).name)}</td><td class='{f['status']}'>{f['status']}</td>"
         f"<td>{html.escape(f['reason'])}</td><td>{f['rbc_count']}</td><td>{f['positive_count']}</td>"
-        f"<td>{f['cell_diameter_px']}</td><td>{f['quality'].get('focus', '')}</td></tr>" for f in e["fields"])
+        f"<td>{f['cell_diameter_px']}</td><td>{f['quality'].get('focus', '')}</td>"
+        f"<td>{_percent(f['quality'].get('overlapped'))}</td></tr>" for f in e["fields"])
     figs = "".join(f"<figure><img src='{uri}'><figcaption>{html.escape(name)}</figcaption></figure>"
                    for name, uri in overlays)
     cards = []
@@ -111,7 +116,8 @@ failed {e['fields_failed']}. Median cell diameter {e['cell_diameter_px_median']}
 {e['specificity_validation']}). The interval includes the sampling of cells and the uncertainty of those two rates;
 it assumes this smear looks like the validation cells. Model {html.escape(e['model'])}{screen}. {html.escape(e['method'])}.</p>
 <h2>Fields</h2><table><tr><th>field</th><th>status</th><th>reason</th><th>red cells</th><th>parasitized</th>
-<th>cell px</th><th>focus</th></tr>{rows}</table>
+<th>cell px</th><th>focus</th><th title='share of its red cells that overlap a neighbour by over 5% of their area: the
+classifier misses more parasites there, so a crowded field reads low'>overlapped</th></tr>{rows}</table>
 <h2>Positive cells ({len(gallery)}): crop and Grad-CAM of the Parasitized class</h2>{''.join(cards) or '<p>none</p>'}
 <h2>Field overlays</h2><p>green: uninfected · red: parasitized (#cell, P) · grey: left out (cut by an edge,
 white cell, platelets, debris, clumps)</p>{figs}

@@ -154,6 +154,8 @@ def test_a_cell_leaves_more_of_its_mask_to_a_neighbour_the_deeper_they_overlap()
     # each of a pair leaves the same share; a 64 px pair leaves more (an overlap 16 px deep, not 2)
     assert shared[0] == pytest.approx(shared[1], abs=0.01) and shared[2] == pytest.approx(shared[3], abs=0.01)
     assert 0.01 < shared[0] < 0.05 and shared[2] > shared[0] + 0.015
+    # the field's quality record says how many of its cells overlap a neighbour by more: the deeper pair
+    assert quality(img, det, QualityParams())[1]["overlapped"] == pytest.approx(2 / 5)
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(scale=0.5, blur=1.0), dict(eyepiece=True)])
@@ -376,6 +378,9 @@ def test_field_run_writes_rows_session_and_report(field_run):
     assert lo <= s["parasitemia_percent"] <= hi and lo == 0  # a healthy slide: the interval includes 0
     html = (sdir / "report.html").read_text()
     assert "Parasitemia" in html and "data:image/jpeg;base64," in html and "not a diagnosis" in html
+    # each field says how crowded it is, in session.json and in the report's field table
+    share = s["fields"][0]["quality"]["overlapped"]
+    assert 0 < share < 1 and f"<td>{100 * share:.0f}%</td></tr>" in html
     (ov,) = list((sdir / "overlays").glob("*.jpg"))
     assert cv2.imread(str(ov)).shape[1] <= 2048
 
