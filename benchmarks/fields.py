@@ -23,7 +23,7 @@ from edge.detect import crop
 from edge.field import FieldOptions, analyze
 from edge.operating import describe, field_point, operating_point
 from edge.images import load_image
-from edge.parasitemia import COUNT_KEYS, estimate, rogan_gladen
+from edge.parasitemia import estimate, rogan_gladen, sensitivity_specificity
 from edge.runtime import load_classifier
 from train.fieldpool import field_pool
 from train.fieldscore import contains, exif_orientation, read_point_set, score
@@ -194,14 +194,13 @@ def bias_over_patients(pool: dict, pi: float, opts: FieldOptions, n_cells: int =
     bootstrap): a pool holds a few hundred infected cells of some 16 patients, reused across its fields, and
     which patients they are moves the bias more than the sessions' own sampling does."""
     rng = np.random.default_rng(seed)
-    tp, fn, tn, fp = (int(opts.counts[k]) for k in COUNT_KEYS)
-    se, sp = tp / (tp + fn), tn / (tn + fp)
-    g, y, call = pool["groups"], pool["labels"], pool["probs"] >= opts.threshold
-    ids = np.unique(g)
-    inf = np.array([np.sum((g == k) & (y == 1)) for k in ids])
-    hit = np.array([np.sum((g == k) & (y == 1) & call) for k in ids])
-    unf = np.array([np.sum((g == k) & (y == 0)) for k in ids])
-    fpk = np.array([np.sum((g == k) & (y == 0) & call) for k in ids])
+    se, sp = sensitivity_specificity(opts.counts)
+    y, call = pool["labels"] == 1, pool["probs"] >= opts.threshold
+    ids, patient = np.unique(pool["groups"], return_inverse=True)
+
+    def per_patient(m):
+        return np.bincount(patient, weights=m, minlength=len(ids))
+    inf, hit, unf, fpk = per_patient(y), per_patient(y & call), per_patient(~y), per_patient(~y & call)
     a, b = pool["counted_infected"], pool["counted_uninfected"]
     share = pi * a / (pi * a + (1 - pi) * b)
     bias = []

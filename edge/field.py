@@ -121,7 +121,7 @@ def quality(rgb: np.ndarray, det: Detection, q: QualityParams) -> tuple[str, dic
     colour = stain_colour(work, inside)
     ok = det.accepted
     area = sum(c.area_px for c in ok) * det.scale ** 2
-    coverage = float(area / max(1, inside.sum()))
+    coverage = float(area / max(1, n_inside))
     roundness = float(np.median([c.roundness for c in ok])) if ok else 0.0
     # not a gate: cells whose crop leaves over q.overlap_share of their mask to neighbours are where field
     # mode's sensitivity falls (bench-fields' table by contact), so a crowded field reads low

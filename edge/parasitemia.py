@@ -46,6 +46,12 @@ class Estimate:
         return d
 
 
+def sensitivity_specificity(counts: dict) -> tuple[float, float]:
+    """The rates an operating point's confusion counts {tp, fn, tn, fp} give."""
+    tp, fn, tn, fp = (int(counts[k]) for k in COUNT_KEYS)
+    return tp / (tp + fn), tn / (tn + fp)
+
+
 def rogan_gladen(q, se, sp):
     """True prevalence from the apparent one (arrays broadcast), not clamped."""
     return (np.asarray(q, float) + sp - 1) / (se + sp - 1)
@@ -90,7 +96,7 @@ def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL
     tp, fn, tn, fp = (int(counts[k]) for k in COUNT_KEYS)
     if tp + fn == 0 or tn + fp == 0:
         raise ValueError("the operating point's counts need both infected and uninfected validation cells")
-    se, sp = tp / (tp + fn), tn / (tn + fp)
+    se, sp = sensitivity_specificity(counts)
     if se + sp <= 1:
         raise ValueError(f"sensitivity {se:.3f} + specificity {sp:.3f} <= 1: the classifier cannot be corrected for")
     if n == 0:

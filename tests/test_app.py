@@ -194,6 +194,11 @@ def served(tmp_path_factory):
     proc.wait(10)
 
 
+needs_browser = pytest.mark.skipif(
+    not (shutil.which("chromium") and shutil.which("chromedriver")) and os.environ.get("CI") != "true",
+    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+
+
 def _browser(height: int = 1000):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -206,8 +211,7 @@ def _browser(height: int = 1000):
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")) and os.environ.get("CI") != "true",
-                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+@needs_browser
 def test_in_a_real_browser_an_uploaded_cell_gets_its_prediction(served, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
@@ -232,8 +236,7 @@ def test_in_a_real_browser_an_uploaded_cell_gets_its_prediction(served, tmp_path
         driver.quit()
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")) and os.environ.get("CI") != "true",
-                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+@needs_browser
 def test_in_a_real_browser_an_uploaded_field_photo_is_counted(served, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
