@@ -33,7 +33,13 @@ class DetectParams:
     min_diameter: float = 8.0  # below this many px per cell at full resolution nothing is found
     eyepiece_dark: float = 0.22  # pixels darker than this share of the bright field are outside the eyepiece
     min_area: float = 0.30  # × median cell area: smaller regions are platelets or debris
-    max_area: float = 2.6  # × median cell area: larger regions are unsplit clumps
+    max_area: float = 2.6  # × median cell area: larger regions are unsplit clumps, unless round (below)
+    # A region up to round_max_area × the median area is one enlarged cell, not a clump, when the largest
+    # circle inside it has over round_fill of its equivalent radius (a disc: 1; two cells that overlap by a
+    # fifth: 0.73; synthetic clumps of 3-5 cells: 0.59-0.86, median 0.76). P. vivax and P. ovale enlarge the
+    # cells they infect 1.5-2×; falciparum crops enlarged 1.8× in synthetic fields measure 0.76-0.94, median 0.87.
+    round_max_area: float = 4.5
+    round_fill: float = 0.85
     close_rings: float = 0.12  # × diameter: closing that mends rings broken at a pale centre
     fill_holes: float = 0.6  # × cell area: holes up to this size (pale centres) are filled
     seed_spacing: float = 0.55  # × radius: distance-transform peaks closer than this merge into one seed
@@ -55,6 +61,7 @@ class DetectParams:
     nucleus_level: float = 0.5
     deep_level: float = 1.0
     wbc_dark_share: float = 0.35
+    wbc_deep_share: float = 0.25
     stain_share: float = 0.45
     wbc_area: float = 1.3  # × median cell area
     platelet_area: float = 0.6  # × median cell area
@@ -335,9 +342,10 @@ def _regions(rgb, work, labels, n, inside, det: Detection, p: DetectParams) -> l
         elif areas[k] < p.min_area * med:
             status = "small"
         elif deep[k] > p.stain_share * areas[k] or (dark[k] > p.wbc_dark_share * areas[k] and
+                                                      deep[k] > p.wbc_deep_share * areas[k] and
                                                       areas[k] > p.wbc_area * med):
             status = "wbc" if areas[k] > p.platelet_area * med else "platelets"
-        elif areas[k] > p.max_area * med:
+        elif areas[k] > p.max_area * med and (areas[k] > p.round_max_area * med or _fill(sub) < p.round_fill):
             status = "large"
         # full-resolution box and mask: the working-res labels (1 px padding, 0 beyond the image) resized up
         X0, Y0 = max(0, int((x0 - 1) / s)), max(0, int((y0 - 1) / s))
@@ -374,6 +382,13 @@ def _regions(rgb, work, labels, n, inside, det: Detection, p: DetectParams) -> l
         cells.append(Cell(box, full[by0:by1, bx0:bx1], (float(cx), float(cy)), float(areas[k] / s / s), round_,
                           status, None if cut_mask is None else cut_mask[by0:by1, bx0:bx1]))
     return cells
+
+
+def _fill(mask: np.ndarray) -> float:
+    """Radius of the largest circle inside a region over its equivalent radius: 1 for a disc, lower for a
+    clump, whose widest point is one cell's."""
+    dt = cv2.distanceTransform(np.pad(mask, 1).view(np.uint8), cv2.DIST_L2, 5)
+    return float(dt.max() / np.sqrt(mask.sum() / np.pi))
 
 
 def _bboxes(labels: np.ndarray, n: int) -> tuple[dict[int, tuple[int, int, int, int]], dict[int, tuple[float, float]]]:

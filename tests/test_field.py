@@ -112,6 +112,31 @@ def test_darkly_stained_infected_cells_are_counted_not_taken_for_white_cells(cro
     assert sum("wbc" in s or "platelets" in s for s in status) <= 0.1 * len(status)
 
 
+def test_enlarged_infected_cells_are_counted_not_taken_for_white_cells(crops_by_group):
+    # P. vivax and P. ovale enlarge the cells they infect; dark ones 1.5x as wide were taken for white
+    # cells (they are dark enough, and now larger than a red cell), 9 of 21 here
+    pos, neg = crops_by_group
+    dark = [(name, (c * 0.8).astype(np.uint8)) for name, c in pos]
+    f = make_field(dark, neg, SynthParams(parasitemia=0.15, n_cells=250, seed=5, infected_scale=1.5))
+    det = detect(f.rgb)
+    status = [[c.status for c in det.cells if contains(c, t.x, t.y)] for t in f.red_cells
+              if t.label == "Parasitized"]
+    assert len(status) >= 15
+    assert not any("wbc" in s or "platelets" in s for s in status)
+    assert sum(s == ["ok"] for s in status) >= 0.85 * len(status)
+
+
+def test_a_round_region_twice_a_cell_wide_is_one_cell_and_an_elongated_one_a_clump():
+    img = np.full((500, 900, 3), (225, 205, 215), np.uint8)
+    for i in range(8):
+        cv2.circle(img, (60 + 100 * i, 60), 40, (175, 110, 145), -1)
+    cv2.circle(img, (150, 300), 72, (175, 110, 145), -1)  # 1.8x as wide: 3.2x the area
+    cv2.ellipse(img, (600, 300), (120, 45), 0, 0, 360, (175, 110, 145), -1)  # 3.4x the area, unsplit
+    det = detect(img, DetectParams(cell_diameter=80))
+    by_row = sorted(det.cells, key=lambda c: (c.centre[1] > 200, c.centre[0]))
+    assert [c.status for c in by_row] == ["ok"] * 8 + ["ok", "large"]
+
+
 def test_crops_are_cut_at_full_resolution_with_black_background(real_field, real_detection):
     cell = real_detection.accepted[len(real_detection.accepted) // 2]
     c = crop(real_field, cell)
@@ -561,6 +586,18 @@ def test_synthetic_truth_says_where_each_cell_was_laid(crops_by_group):
         return float(np.abs(f.rgb[y:y + h, x:x + w].astype(float) - nih)[inner].mean())
 
     assert diff(t.turns) < 8 < min(diff(k) for k in range(4) if k != t.turns)
+
+
+def test_synthetic_infected_cells_can_be_laid_wider_than_the_crops(crops_by_group):
+    pos, neg = crops_by_group
+
+    def radius(parasitemia, scale):
+        p = SynthParams(width=600, height=600, n_cells=1, parasitemia=parasitemia, wbc=0, platelets=0, seed=2,
+                        infected_scale=scale)
+        (t,) = make_field(pos[:1], neg[:1], p).truth
+        return t.r
+    assert radius(1.0, 1.5) == pytest.approx(1.5 * radius(1.0, 1.0), rel=0.03)
+    assert radius(0.0, 1.5) == radius(0.0, 1.0)  # uninfected cells keep their size
 
 
 def test_crowding_counts_touching_regions_and_their_shared_rim():

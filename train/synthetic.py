@@ -29,6 +29,8 @@ class SynthParams:
     jpeg_quality: int | None = 90
     eyepiece: bool = False  # black outside a disc, as a phone through an eyepiece sees
     scale: float = 1.0  # resize the finished field (e.g. 0.5: cells half as wide)
+    infected_scale: float = 1.0  # infected cells this much wider than the crops: P. vivax and P. ovale enlarge
+    # the cells they infect (1.5-2× in late stages); the NIH crops are P. falciparum, which does not
     background: tuple[int, int, int] | None = None  # RGB between cells; None: from the crops' pale rims
     seed: int = 0
 
@@ -41,7 +43,7 @@ class Truth:
     label: str  # Parasitized | Uninfected | White_Blood_Cell
     source: str = ""  # the crop it came from
     # where it was laid, at native scale: the crop's top-left corner and its quarter turns (np.rot90);
-    # with its source crop this gives the cell's own mask in the field (benchmarks/recut.py)
+    # with its source crop this gives the cell's own mask in the field (benchmarks/recut.py; infected_scale 1)
     corner: tuple[int, int] = (0, 0)
     turns: int = 0
 
@@ -152,6 +154,8 @@ def make_field(pos_crops: list, neg_crops: list, p: SynthParams = SynthParams())
             name, crop = pool[int(rng.integers(len(pool)))]
             k = int(rng.integers(4))
             crop = np.rot90(crop, k).copy()
+            if lab == "Parasitized" and p.infected_scale != 1.0:
+                crop = cv2.resize(crop, None, fx=p.infected_scale, fy=p.infected_scale, interpolation=cv2.INTER_CUBIC)
             mask = cell_mask(crop)
             img = crop
         r = float(np.sqrt(mask.sum() / np.pi))
