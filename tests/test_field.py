@@ -379,6 +379,28 @@ def test_random_noise_is_not_a_field():
     assert res.status == "rejected"
 
 
+def test_a_field_of_ragged_real_cells_passes_the_gate():
+    # patient 47's crops have ragged outlines: its synthetic fields' median roundness is 0.57-0.65, and the
+    # gate at 0.6 left some of them out
+    import csv
+    rows = [r for r in csv.DictReader(open(DEV_MANIFEST)) if r["patient"] == "47"]
+    rows = [r for r in rows if r["label"] == "Parasitized"][:30] + [r for r in rows if r["label"] == "Uninfected"][:60]
+    pos, neg = load_crops(DEV_MANIFEST.parent, [r["relpath"] for r in rows],
+                          [int(r["label"] == "Parasitized") for r in rows], ["P47"] * len(rows))["P47"]
+    f = make_field(pos, neg, SynthParams(parasitemia=0.02, seed=3))
+    reason, m = quality(f.rgb, detect(f.rgb), QualityParams())
+    assert m["roundness"] < 0.6 and reason == ""
+
+
+@pytest.mark.parametrize("sigma", [2, 4, 8])
+def test_blurred_noise_is_not_a_field_though_its_blobs_are_round(sigma):
+    # stain-coloured blobs of blurred noise, as round as red cells (0.69-0.81) but of every size
+    blobs = cv2.GaussianBlur(np.random.default_rng(0).normal(0, 1, (960, 1280)).astype(np.float32), (0, 0), sigma)
+    rgb = np.clip(np.float32([220, 180, 200]) - 120 * sigma * blobs[..., None] * np.float32([0.5, 1.2, 0.8]), 0, 255)
+    reason = _quality_reason(rgb.astype(np.uint8))
+    assert reason.startswith("no plausible red cells (region sizes vary")
+
+
 @pytest.fixture(scope="module")
 def field_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fieldrun")
