@@ -27,7 +27,7 @@ from edge.classifier import Classifier
 from edge.gradcam import overlay
 from edge.images import IMAGE_SUFFIXES, ImageError, decode_image
 from edge.infer import not_a_cell
-from edge.report import encode
+from edge.report import encode, left_out_text
 from edge.runtime import (ModelError, default_model, installed_classifiers, load_classifier, load_explainer_for,
                           models_dirs)
 
@@ -272,10 +272,12 @@ def fields_tab(models: dict[str, Path]) -> None:
     st.subheader("Fields")
     st.dataframe([{"field": f["path"], "status": f["status"], "reason": f["reason"], "red cells": f["rbc_count"],
                    "parasitized": f["positive_count"], "cell px": f["cell_diameter_px"],
-                   "focus": f["quality"].get("focus", ""), "overlapped": f["quality"].get("overlapped", "")}
+                   "focus": f["quality"].get("focus", ""), "overlapped": f["quality"].get("overlapped", ""),
+                   "left out": left_out_text(f.get("left_out", {}))}
                   for f in summary["fields"]], hide_index=True)
     for name, pic in overlays:
-        st.image(to_rgb(pic), caption=f"{name}: green uninfected · red parasitized · grey left out")
+        st.image(to_rgb(pic), caption=f"{name}: green uninfected · red parasitized · grey left out "
+                                               "(white cells and clumps named: check none is an infected cell)")
     st.subheader(f"Positive cells ({len(gallery)}): crop and Grad-CAM of the Parasitized class")
     cols = st.columns(4)
     for k, (name, i, p, crop, h) in enumerate(gallery):

@@ -93,10 +93,20 @@ class FieldResult:
     def positive(self) -> int:
         return sum(c.label == "Parasitized" for c in self.cells if c.status == "ok") if self.status == "ok" else 0
 
+    @property
+    def left_out(self) -> dict[str, int]:
+        """Regions not counted as red cells, by reason (cut, small, large, wbc, platelets): what a reviewer
+        checks when an infected cell may have been taken for a white cell or a clump."""
+        out: dict[str, int] = {}
+        for c in self.cells:
+            if c.status != "ok":
+                out[c.status] = out.get(c.status, 0) + 1
+        return dict(sorted(out.items()))
+
     def summary(self) -> dict:
         return {"path": self.path, "status": self.status, "reason": self.reason, "width": self.width,
                 "height": self.height, "rbc_count": self.rbc, "positive_count": self.positive,
-                "detected": len(self.cells), "cell_diameter_px": round(self.diameter_px, 1),
+                "detected": len(self.cells), "left_out": self.left_out, "cell_diameter_px": round(self.diameter_px, 1),
                 "quality": self.quality, "seconds": self.seconds}
 
 

@@ -16,6 +16,11 @@ from edge.gradcam import overlay as gradcam_overlay
 
 MAX_WIDTH = 2048
 COLOURS = {"Parasitized": (0, 0, 230), "Uninfected": (0, 170, 0), "rejected": (150, 150, 150)}  # BGR
+# left-out regions named on the overlay: those that could be a cell the detector should have counted (an
+# enlarged infected cell taken for a white cell or a clump); cut, small and platelets are too many to name
+LEFT_OUT_LABELS = {"wbc": "white cell?", "large": "clump?"}
+LEFT_OUT_WORDS = {"cut": ("cut by an edge",) * 2, "small": ("debris",) * 2, "large": ("clump", "clumps"),
+                  "wbc": ("white cell", "white cells"), "platelets": ("platelet clump", "platelet clumps")}
 
 
 def field_overlay(rgb: np.ndarray, res: FieldResult, max_width: int = MAX_WIDTH) -> np.ndarray:
@@ -37,9 +42,10 @@ def field_overlay(rgb: np.ndarray, res: FieldResult, max_width: int = MAX_WIDTH)
         cs = [((c.astype(np.float32) + (x - 1, y - 1)) * s).astype(np.int32) for c in cs]
         key = call.label if call.status == "ok" and call.label else "rejected"
         cv2.drawContours(bgr, cs, -1, COLOURS[key], thick + (1 if key == "Parasitized" else 0))
-        if key == "Parasitized":
+        text = (f"#{call.cell} {call.prob_parasitized:.2f}" if key == "Parasitized" else
+                LEFT_OUT_LABELS.get(call.status) if key == "rejected" else None)
+        if text:
             tx, ty = int(x * s), max(12, int(y * s) - 4)
-            text = f"#{call.cell} {call.prob_parasitized:.2f}"
             cv2.putText(bgr, text, (tx, ty), cv2.FONT_HERSHEY_SIMPLEX, font, (255, 255, 255), thick + 2, cv2.LINE_AA)
             cv2.putText(bgr, text, (tx, ty), cv2.FONT_HERSHEY_SIMPLEX, font, COLOURS[key], thick, cv2.LINE_AA)
     band = np.full((max(28, int(34 * font * 2)), bgr.shape[1], 3), 255, np.uint8)
@@ -61,6 +67,10 @@ def data_uri(bgr: np.ndarray, ext: str = ".jpg") -> str:
     """A picture inside the HTML itself, so report.html is one self-contained file."""
     mime = "jpeg" if ext == ".jpg" else "png"
     return f"data:image/{mime};base64,{base64.b64encode(encode(bgr, ext, 85)).decode()}"
+
+
+def left_out_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {LEFT_OUT_WORDS.get(k, (k, k))[n != 1]}" for k, n in counts.items())
 
 
 def _percent(share: float | None) -> str:
@@ -90,7 +100,8 @@ def write_html(out: Path, summary: dict, overlays: list[tuple[str, str]],
         f"<tr><td>{html.escape(Path(f['path']).name)}</td><td class='{f['status']}'>{f['status']}</td>"
         f"<td>{html.escape(f['reason'])}</td><td>{f['rbc_count']}</td><td>{f['positive_count']}</td>"
         f"<td>{f['cell_diameter_px']}</td><td>{f['quality'].get('focus', '')}</td>"
-        f"<td>{_percent(f['quality'].get('overlapped'))}</td></tr>" for f in e["fields"])
+        f"<td>{_percent(f['quality'].get('overlapped'))}</td><td>{left_out_text(f.get('left_out', {}))}</td></tr>"
+        for f in e["fields"])
     figs = "".join(f"<figure><img src='{uri}'><figcaption>{html.escape(name)}</figcaption></figure>"
                    for name, uri in overlays)
     cards = []
@@ -117,10 +128,13 @@ failed {e['fields_failed']}. Median cell diameter {e['cell_diameter_px_median']}
 it assumes this smear looks like the validation cells. Model {html.escape(e['model'])}{screen}. {html.escape(e['method'])}.</p>
 <h2>Fields</h2><table><tr><th>field</th><th>status</th><th>reason</th><th>red cells</th><th>parasitized</th>
 <th>cell px</th><th>focus</th><th title='share of its red cells that overlap a neighbour by over 5% of their area: the
-classifier misses more parasites there, so a crowded field reads low'>overlapped</th></tr>{rows}</table>
+classifier misses more parasites there, so a crowded field reads low'>overlapped</th><th title='regions not
+counted as red cells; white cells and clumps are named on the overlay, to check that none is an infected cell'>left
+out</th></tr>{rows}</table>
 <h2>Positive cells ({len(gallery)}): crop and Grad-CAM of the Parasitized class</h2>{''.join(cards) or '<p>none</p>'}
 <h2>Field overlays</h2><p>green: uninfected · red: parasitized (#cell, P) · grey: left out (cut by an edge,
-white cell, platelets, debris, clumps)</p>{figs}
+white cell, platelets, debris, clumps; white cells and clumps are named: check that none is an enlarged infected cell,
+as P. vivax and P. ovale make them)</p>{figs}
 </body></html>"""
     path = out / "report.html"
     atomic_write_text(path, doc)

@@ -427,9 +427,33 @@ def test_field_run_writes_rows_session_and_report(field_run):
     assert "Parasitemia" in html and "data:image/jpeg;base64," in html and "not a diagnosis" in html
     # each field says how crowded it is, in session.json and in the report's field table
     share = s["fields"][0]["quality"]["overlapped"]
-    assert 0 < share < 1 and f"<td>{100 * share:.0f}%</td></tr>" in html
+    assert 0 < share < 1 and f"<td>{100 * share:.0f}%</td>" in html
+    # and what it left out, by reason, as the cell rows say
+    left = {}
+    for r in rows:
+        if r["status"] != "ok":
+            left[r["status"]] = left.get(r["status"], 0) + 1
+    assert s["fields"][0]["left_out"] == left and left.get("cut", 0) > 0
+    assert f"{left['cut']} cut by an edge" in html
     (ov,) = list((sdir / "overlays").glob("*.jpg"))
     assert cv2.imread(str(ov)).shape[1] <= 2048
+
+
+def test_the_overlay_names_a_white_cell_so_a_reviewer_can_check_it(monkeypatch):
+    import edge.report as report
+    photo = NIH_FIELDS / "Img" / "IMG_20150614_125741.jpg"  # the neutrophil
+    res = analyze(load_image(photo), photo.name, load_classifier(FIELD_MODEL), FieldOptions(0.9, COUNTS))
+    (wbc,) = [c for c, call in zip(res.detection.cells, res.cells) if call.status == "wbc" and c.area_px >
+              np.median([d.area_px for d in res.detection.accepted])]
+    named = report.field_overlay(load_image(photo), res)
+    monkeypatch.setattr(report, "LEFT_OUT_LABELS", {})
+    unnamed = report.field_overlay(load_image(photo), res)
+    s = min(1.0, report.MAX_WIDTH / res.width)
+    band = named.shape[0] - round(res.height * s)
+    x, y = int(wbc.box[0] * s), int(wbc.box[1] * s) + band
+    differs = (named != unnamed).any(axis=2)
+    assert differs[max(0, y - 30):y + 5, x:x + 150].sum() > 50  # the words, above the cell's box
+    assert not differs[:band].any()  # and nothing else on the heading
 
 
 def test_field_runs_never_overwrite_an_earlier_session(field_run, tmp_path):
