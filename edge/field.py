@@ -4,6 +4,7 @@ until enough red cells are counted, then gives a corrected parasitemia with its 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import cv2
@@ -97,11 +98,7 @@ class FieldResult:
     def left_out(self) -> dict[str, int]:
         """Regions not counted as red cells, by reason (cut, small, large, wbc, platelets): what a reviewer
         checks when an infected cell may have been taken for a white cell or a clump."""
-        out: dict[str, int] = {}
-        for c in self.cells:
-            if c.status != "ok":
-                out[c.status] = out.get(c.status, 0) + 1
-        return dict(sorted(out.items()))
+        return dict(sorted(Counter(c.status for c in self.cells if c.status != "ok").items()))
 
     def summary(self) -> dict:
         return {"path": self.path, "status": self.status, "reason": self.reason, "width": self.width,
