@@ -27,7 +27,7 @@ from edge.classifier import Classifier
 from edge.gradcam import overlay
 from edge.images import IMAGE_SUFFIXES, ImageError, decode_image
 from edge.infer import not_a_cell
-from edge.report import encode, left_out_text
+from edge.report import encode, left_out_text, percent_text
 from edge.runtime import (ModelError, default_model, installed_classifiers, load_classifier, load_explainer_for,
                           models_dirs)
 
@@ -272,7 +272,8 @@ def fields_tab(models: dict[str, Path]) -> None:
     st.subheader("Fields")
     st.dataframe([{"field": f["path"], "status": f["status"], "reason": f["reason"], "red cells": f["rbc_count"],
                    "parasitized": f["positive_count"], "cell px": f["cell_diameter_px"],
-                   "focus": f["quality"].get("focus", ""), "overlapped": f["quality"].get("overlapped", ""),
+                   "focus": f["quality"].get("focus", ""),
+                   "overlapped": percent_text(f["quality"].get("overlapped")),
                    "left out": left_out_text(f.get("left_out", {}))}
                   for f in summary["fields"]], hide_index=True)
     for name, pic in overlays:
@@ -285,7 +286,7 @@ def fields_tab(models: dict[str, Path]) -> None:
                           caption=f"{name} #{i} P={p:.3f}")
     folder = session_folder()
     report = write_html(folder, summary, [(n, data_uri(cv2.resize(p, None, fx=0.5, fy=0.5))) for n, p in overlays],
-                        gallery)
+                        gallery, session.confirmed_table())
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CELL_FIELDS)
     w.writeheader()

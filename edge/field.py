@@ -13,7 +13,7 @@ import numpy as np
 from edge.card import label_of
 from edge.detect import Detection, DetectParams, crop, detect
 from edge.images import GREY_CHROMA, stain_colour
-from edge.parasitemia import RBC_PER_UL, Estimate, estimate
+from edge.parasitemia import RBC_PER_UL, Estimate, confirmed_table, estimate
 from edge.preprocess import resize_rgb
 from edge.operating import OperatingPoint, Screen, predict
 from edge.runtime import Loaded
@@ -243,6 +243,10 @@ class Session:
 
     def estimate(self) -> Estimate:
         return estimate(self.positive, self.rbc, self.opts.counts, self.opts.rbc_per_ul, by_patient=self.opts.by_patient)
+
+    def confirmed_table(self) -> list[tuple[float, float, float]]:
+        """The parasitemia for each number of this session's positive calls a reviewer may confirm."""
+        return confirmed_table(self.positive, self.rbc, self.opts.counts, self.opts.by_patient) if self.rbc else []
 
     def summary(self, model: Loaded) -> dict:
         e = self.estimate()

@@ -89,7 +89,7 @@ def run_session(items: Iterable[tuple[str, np.ndarray | str]], model: Loaded, ex
             rows.close()
         summary = session.summary(model)
         write_session(sdir, summary)
-        write_html(sdir, summary, overlays, gallery)
+        write_html(sdir, summary, overlays, gallery, session.confirmed_table())
     return session, sdir, code
 
 

@@ -87,16 +87,20 @@ def _patient_rates(mean_draws: np.ndarray, var: float, rng) -> np.ndarray:
 
 
 def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL, draws: int = 20_000,
-             seed: int = 0, by_patient: list[dict] | tuple = ()) -> Estimate:
+             seed: int = 0, by_patient: list[dict] | tuple = (), confirmed: bool = False) -> Estimate:
     """Corrected parasitemia of `positive` calls among `n` red cells. `counts` are the operating point's
     validation confusion counts {tp, fn, tn, fp}; `by_patient`, where given, the same per validation
-    patient (they must add up to `counts`)."""
+    patient (they must add up to `counts`). confirmed: the positives are calls a microscopist confirmed,
+    so none is a false positive (Sp = 1) and only the infected cells the classifier missed are corrected
+    for: p = q / Se."""
     if n < 0 or not 0 <= positive <= max(n, 0):
         raise ValueError(f"need 0 <= positive <= n, got {positive} of {n}")
     tp, fn, tn, fp = (int(counts[k]) for k in COUNT_KEYS)
     if tp + fn == 0 or tn + fp == 0:
         raise ValueError("the operating point's counts need both infected and uninfected validation cells")
     se, sp = sensitivity_specificity(counts)
+    if confirmed:
+        sp = 1.0
     if se + sp <= 1:
         raise ValueError(f"sensitivity {se:.3f} + specificity {sp:.3f} <= 1: the classifier cannot be corrected for")
     if n == 0:
@@ -107,12 +111,13 @@ def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL
     rng = np.random.default_rng(seed)
     q_s = rng.beta(positive + 0.5, n - positive + 0.5, draws)
     se_s = rng.beta(tp + 0.5, fn + 0.5, draws)
-    sp_s = rng.beta(tn + 0.5, fp + 0.5, draws)
+    sp_s = np.ones(draws) if confirmed else rng.beta(tn + 0.5, fp + 0.5, draws)
     if by_patient:
         check_adds_up(counts, by_patient)
         c = {k: np.array([int(b[k]) for b in by_patient]) for k in COUNT_KEYS}
         se_s = _patient_rates(se_s, between_patient_variance(c["tp"], c["tp"] + c["fn"]), rng)
-        sp_s = _patient_rates(sp_s, between_patient_variance(c["tn"], c["tn"] + c["fp"]), rng)
+        if not confirmed:
+            sp_s = _patient_rates(sp_s, between_patient_variance(c["tn"], c["tn"] + c["fp"]), rng)
     with np.errstate(divide="ignore", invalid="ignore"):
         sims = np.clip(rogan_gladen(q_s, se_s, sp_s), 0, 1)
     sims = sims[np.isfinite(sims)]
@@ -120,6 +125,10 @@ def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL
     method = "Rogan-Gladen; 95% interval: Monte Carlo over Jeffreys posteriors of the positive share, Se and Sp"
     if by_patient:
         method += ", this patient's Se and Sp drawn around them with the validation patients' spread"
+    if confirmed:
+        method = ("confirmed calls over sensitivity, q/Se (a microscopist rejected the false positives); 95% "
+                  "interval: Monte Carlo over Jeffreys posteriors of q and Se" + (", this patient's Se drawn "
+                  "with the validation patients' spread" if by_patient else ""))
     if positive == 0:
         lo, hi = 0.0, min(1.0, 3.0 / (n * se))
         method = "no positive call: 0, upper bound by the rule of three over sensitivity, 3/(n*Se)"
@@ -129,3 +138,14 @@ def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL
     pct = (100 * point, (100 * lo, 100 * hi))
     return Estimate(n, positive, 100 * q, pct[0], pct[1], point * rbc_per_ul, (lo * rbc_per_ul, hi * rbc_per_ul),
                     rbc_per_ul, se, sp, method)
+
+
+def confirmed_table(calls: int, n: int, counts: dict, by_patient: list[dict] | tuple = (), draws: int = 10_000
+                    ) -> list[tuple[float, float, float]]:
+    """(percent, low, high) for 0..calls of a session's positive calls confirmed by a microscopist among its
+    n red cells: what the report's review shows as the reviewer confirms or rejects each call."""
+    rows = []
+    for k in range(calls + 1):
+        e = estimate(k, n, counts, draws=draws, by_patient=by_patient, confirmed=True)
+        rows.append((e.parasitemia_percent, *e.parasitemia_ci95))
+    return rows

@@ -3,6 +3,7 @@ report.html (summary with its interval, every field, every positive cell with it
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 from pathlib import Path
@@ -73,7 +74,7 @@ def left_out_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {LEFT_OUT_WORDS.get(k, (k, k))[n != 1]}" for k, n in counts.items())
 
 
-def _percent(share: float | None) -> str:
+def percent_text(share: float | None) -> str:
     return "" if share is None else f"{100 * share:.0f}%"
 
 
@@ -83,10 +84,66 @@ def write_session(out: Path, summary: dict) -> Path:
     return path
 
 
+def review_id(summary: dict, gallery: list) -> str:
+    """Names a session's review in the browser's storage: the same cells give the same id, so a report
+    re-opened (or re-made from the same fields) keeps its reviewer's decisions, and another session's do not
+    leak into it."""
+    key = json.dumps([summary["rbc_count"], [(str(g[0]), int(g[1]), round(float(g[2]), 6)) for g in gallery]])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+# The review: the reviewer confirms or rejects each positive call; the page shows the parasitemia of the
+# confirmed calls (looked up in the table Python computed, edge.parasitemia.confirmed_table), keeps the
+# decisions in the browser's storage and downloads them as CSV. No statistics in JavaScript.
+REVIEW_JS = r"""
+const R = JSON.parse(document.getElementById('review-data').textContent);
+const KEY = 'malaria-edge-review:' + R.id;
+const cards = [...document.querySelectorAll('.cell')];
+function decisions() {
+  return cards.map(c => { const r = c.querySelector('input:checked'); return r ? r.value : ''; });
+}
+function fmt(v) { return v.toFixed(2); }
+function update() {
+  const d = decisions(), c = d.filter(v => v === 'confirmed').length, j = d.filter(v => v === 'rejected').length;
+  cards.forEach((card, i) => { card.className = 'cell ' + d[i]; });
+  const left = cards.length - c - j;
+  document.getElementById('rv-progress').textContent = cards.length === 0 ? 'No positive call to review.' :
+    (c + j) + ' of ' + cards.length + ' positive calls reviewed: ' + c + ' confirmed, ' + j + ' rejected.';
+  const t = R.table[Math.min(c, R.table.length - 1)];
+  document.getElementById('rv-result').textContent = (c + j) === 0 ? '' :
+    'Confirmed parasitemia ' + fmt(t[0]) + '% (95% interval ' + fmt(t[1]) + '-' + fmt(t[2]) + '%): ' + c +
+    ' confirmed of ' + R.rbc + ' red cells, over the validation sensitivity ' + R.se +
+    ' (the infected cells the classifier misses); the calls you rejected count as its false positives.' +
+    (left ? ' ' + left + ' calls not yet reviewed are not counted in it.' : '');
+  try { localStorage.setItem(KEY, JSON.stringify(d)); } catch (e) {}
+}
+function reviewCsv() {
+  const d = decisions();
+  const q = s => '"' + String(s).replace(/"/g, '""') + '"';
+  return ['field,cell,prob_parasitized,decision'].concat(cards.map((c, i) =>
+    [q(c.dataset.field), c.dataset.cell, c.dataset.p, d[i]].join(','))).join('\n') + '\n';
+}
+document.getElementById('rv-download').onclick = () => {
+  const a = document.createElement('a');
+  a.href = URL.createObjectURL(new Blob([reviewCsv()], {type: 'text/csv'}));
+  a.download = 'review.csv';
+  a.click();
+};
+try {
+  const saved = JSON.parse(localStorage.getItem(KEY) || '[]');
+  cards.forEach((c, i) => { const r = c.querySelector('input[value="' + saved[i] + '"]'); if (r) r.checked = true; });
+} catch (e) {}
+cards.forEach(c => c.querySelectorAll('input').forEach(r => r.addEventListener('change', update)));
+update();
+"""
+
+
 def write_html(out: Path, summary: dict, overlays: list[tuple[str, str]],
-               gallery: list[tuple[str, int, float, np.ndarray, np.ndarray | None]]) -> Path:
+               gallery: list[tuple[str, int, float, np.ndarray, np.ndarray | None]],
+               confirmed: list[tuple[float, float, float]] | None = None) -> Path:
     """overlays: (field path, data URI) per field; gallery: (field path, cell index, P(Parasitized), RGB crop,
-    heat map or None) per positive cell."""
+    heat map or None) per positive cell; confirmed: the parasitemia (percent, low, high) for 0, 1, ... of
+    the gallery's calls confirmed (edge.parasitemia.confirmed_table), for the review; None: no review."""
     e = summary
     lo, hi = e["parasitemia_ci95"]
     pct = "n/a" if e["parasitemia_percent"] is None else f"{e['parasitemia_percent']:.2f}%"
@@ -100,20 +157,35 @@ def write_html(out: Path, summary: dict, overlays: list[tuple[str, str]],
         f"<tr><td>{html.escape(Path(f['path']).name)}</td><td class='{f['status']}'>{f['status']}</td>"
         f"<td>{html.escape(f['reason'])}</td><td>{f['rbc_count']}</td><td>{f['positive_count']}</td>"
         f"<td>{f['cell_diameter_px']}</td><td>{f['quality'].get('focus', '')}</td>"
-        f"<td>{_percent(f['quality'].get('overlapped'))}</td><td>{left_out_text(f.get('left_out', {}))}</td></tr>"
+        f"<td>{percent_text(f['quality'].get('overlapped'))}</td><td>{left_out_text(f.get('left_out', {}))}</td></tr>"
         for f in e["fields"])
     figs = "".join(f"<figure><img src='{uri}'><figcaption>{html.escape(name)}</figcaption></figure>"
                    for name, uri in overlays)
     cards = []
-    for name, idx, prob, rgb, heat in gallery:
+    for k, (name, idx, prob, rgb, heat) in enumerate(gallery):
         pic = gradcam_overlay(rgb, heat, "Parasitized", calibrated(prob, e.get("temperature", 1.0)), panel=True)
-        cards.append(f"<div class='cell'><img src='{data_uri(pic, '.png')}'><br>{html.escape(Path(name).name)} "
-                     f"#{idx}<br>P(parasitized) {prob:.3f}<br><label><input type='checkbox'> confirmed</label></div>")
+        verdict = "".join(f"<label><input type='radio' name='rv{k}' value='{v}'> {v[:-2]}</label> "
+                          for v in ("confirmed", "rejected")) if confirmed else ""
+        cards.append(f"<div class='cell' data-field='{html.escape(str(name))}' data-cell='{idx}' data-p='{prob:.6f}'>"
+                     f"<img src='{data_uri(pic, '.png')}'><br>{html.escape(Path(name).name)} #{idx}<br>"
+                     f"P(parasitized) {prob:.3f}<br>{verdict}</div>")
+    review = script = ""
+    if confirmed and e["rbc_count"]:
+        data = {"id": review_id(e, gallery), "rbc": e["rbc_count"], "se": e["sensitivity_validation"],
+                "table": [[round(v, 4) for v in row] for row in confirmed]}
+        review = ("<div class='review'><b>Your review</b> (confirm or reject each positive cell below; kept in this "
+                  "browser): <span id='rv-progress'></span><br><b id='rv-result'></b><br>"
+                  "<button id='rv-download'>Download the review (CSV)</button></div>")
+        script = (f"<script id='review-data' type='application/json'>{json.dumps(data)}</script>"
+                  f"<script>{REVIEW_JS}</script>")
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>malaria-edge session report</title>
 <style>body{{font-family:sans-serif;margin:1.5em;max-width:1400px}} .big{{font-size:1.6em}}
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px}} .rejected,.error{{color:#b00}}
 figure{{display:inline-block;margin:4px}} figure img{{max-width:680px}} .cell{{display:inline-block;margin:6px;
-font-size:.85em;text-align:center;vertical-align:top}} .warn{{background:#fff3cd;padding:.5em}}</style></head><body>
+font-size:.85em;text-align:center;vertical-align:top;padding:3px;border:3px solid transparent}}
+.cell img{{width:300px}} .cell.confirmed{{border-color:#c00}} .cell.rejected{{opacity:.45}}
+.review{{background:#eef4ff;padding:.5em;position:sticky;top:0;z-index:1;border-bottom:1px solid #99b}}
+.warn{{background:#fff3cd;padding:.5em}}</style></head><body>
 <h1>Session report</h1>
 <p class="warn">Research use only, not a diagnosis: a trained microscopist must confirm every positive cell below.</p>
 <p class="big">Parasitemia <b>{pct}</b> (95% interval {lo:.2f}–{hi:.2f}%) · {per_ul}
@@ -126,6 +198,7 @@ failed {e['fields_failed']}. Median cell diameter {e['cell_diameter_px_median']}
 (threshold {e['threshold']:.3f}; validation sensitivity {e['sensitivity_validation']}, specificity
 {e['specificity_validation']}). The interval includes the sampling of cells and the uncertainty of those two rates;
 it assumes this smear looks like the validation cells. Model {html.escape(e['model'])}{screen}. {html.escape(e['method'])}.</p>
+{review}
 <h2>Fields</h2><table><tr><th>field</th><th>status</th><th>reason</th><th>red cells</th><th>parasitized</th>
 <th>cell px</th><th>focus</th><th title='share of its red cells that overlap a neighbour by over 5% of their area: the
 classifier misses more parasites there, so a crowded field reads low'>overlapped</th><th title='regions not
@@ -135,7 +208,7 @@ out</th></tr>{rows}</table>
 <h2>Field overlays</h2><p>green: uninfected · red: parasitized (#cell, P) · grey: left out (cut by an edge,
 white cell, platelets, debris, clumps; white cells and clumps are named: check that none is an enlarged infected cell,
 as P. vivax and P. ovale make them)</p>{figs}
-</body></html>"""
+{script}</body></html>"""
     path = out / "report.html"
     atomic_write_text(path, doc)
     return path

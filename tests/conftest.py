@@ -6,6 +6,7 @@ each test stays fast and still runs on real data and real artifacts.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = ROOT / "tests" / "fixtures" / "cells"
 DEV_MANIFEST = ROOT.parent / "shared" / "data" / "nih_malaria_dev" / "MANIFEST.csv"
+
+
+needs_browser = pytest.mark.skipif(
+    not (shutil.which("chromium") and shutil.which("chromedriver")) and os.environ.get("CI") != "true",
+    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+
+
+def browser(height: int = 1000):
+    """Headless Debian Chromium through Selenium, as the app and report tests drive it."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--window-size=1400,{height}"):
+        opts.add_argument(flag)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
 
 
 @pytest.fixture(scope="session")

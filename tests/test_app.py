@@ -1,7 +1,6 @@
 """The Streamlit app on the edge runtime: AppTest for the flows, a real headless browser for one end to end."""
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, run
+from tests.conftest import ROOT, browser, needs_browser, run
 from tests.test_edge import BLOCK_TF
 
 pytest.importorskip("streamlit")
@@ -121,6 +120,7 @@ def test_a_field_gives_counts_interval_and_the_report():
     assert "95% interval" in texts(at) and "Target of 2000 red cells not reached" in texts(at)
     fields = at.dataframe[0].value.to_dict("records")
     assert fields[0]["status"] == "ok" and fields[0]["red cells"] == n
+    assert fields[0]["overlapped"].endswith("%")  # as the report shows it
 
 
 def test_the_field_tab_counts_at_the_cards_screened_point_and_offers_the_others():
@@ -194,29 +194,12 @@ def served(tmp_path_factory):
     proc.wait(10)
 
 
-needs_browser = pytest.mark.skipif(
-    not (shutil.which("chromium") and shutil.which("chromedriver")) and os.environ.get("CI") != "true",
-    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
-
-
-def _browser(height: int = 1000):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--window-size=1400,{height}"):
-        opts.add_argument(flag)
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
-
-
 @needs_browser
 def test_in_a_real_browser_an_uploaded_cell_gets_its_prediction(served, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
-    driver = _browser()
+    driver = browser()
     try:
         t0 = time.time()
         driver.get(served)
@@ -247,7 +230,7 @@ def test_in_a_real_browser_an_uploaded_field_photo_is_counted(served, tmp_path):
     from edge.runtime import default_model, load_classifier
     m = load_classifier(default_model("field"))
     res = analyze(load_image(FIELD), str(FIELD), m, FieldOptions.at(operating_point(m, field_point(m))))
-    driver = _browser(height=1660)
+    driver = browser(height=1660)
     try:
         driver.get(served)
         wait = WebDriverWait(driver, 120)

@@ -13,7 +13,7 @@ from edge.images import load_image
 from edge.metrics import operating_points, threshold_for_specificity
 from edge.parasitemia import estimate
 from edge.runtime import load_classifier
-from tests.conftest import DEV_MANIFEST, ROOT, run
+from tests.conftest import DEV_MANIFEST, ROOT, browser, needs_browser, run
 from train.fieldscore import GTPoint, contains, exif_orientation, read_point_set, score
 from train.synthetic import SynthParams, load_crops, make_field
 
@@ -265,6 +265,28 @@ def test_estimator_interval_covers_the_truth_in_simulated_sessions():
     assert np.mean(covered) >= 0.9
 
 
+def test_confirmed_calls_are_corrected_for_the_missed_infected_cells_only():
+    e = estimate(18, 2000, COUNTS, confirmed=True)  # a microscopist confirmed 18 calls: no false positive
+    assert e.parasitemia_percent == pytest.approx(100 * 18 / (2000 * 0.9))
+    lo, hi = e.parasitemia_ci95
+    assert lo < e.parasitemia_percent < hi
+    none = estimate(0, 2000, COUNTS, confirmed=True)
+    assert none.parasitemia_ci95 == (0, pytest.approx(100 * 3 / (2000 * 0.9)))
+
+
+def test_confirmed_interval_covers_the_truth_in_simulated_sessions():
+    rng = np.random.default_rng(3)
+    se, pi, n = 0.85, 0.01, 2000
+    covered = []
+    for _ in range(150):
+        tp = rng.binomial(1600, se)
+        found = rng.binomial(rng.binomial(n, pi), se)  # infected cells called, all confirmed
+        lo, hi = estimate(int(found), n, {"tp": tp, "fn": 1600 - tp, "tn": 1590, "fp": 10}, draws=3000,
+                          confirmed=True).parasitemia_ci95
+        covered.append(lo <= 100 * pi <= hi)
+    assert np.mean(covered) >= 0.9
+
+
 def test_between_patient_variance_is_the_spread_sampling_does_not_explain():
     from edge.parasitemia import between_patient_variance
     assert between_patient_variance([80, 80, 80], [100, 100, 100]) == 0  # as alike as sampling allows
@@ -408,6 +430,57 @@ def field_run(tmp_path_factory):
     return res, out
 
 
+def _positives(out):
+    return [r for r in map(json.loads, (out / "cells.jsonl").read_text().splitlines()) if r["label"] == "Parasitized"]
+
+
+@needs_browser
+def test_the_reports_review_gives_the_parasitemia_of_the_confirmed_calls(field_run):
+    from selenium.webdriver.common.by import By
+    _, out = field_run
+    (sdir,) = [d for d in out.iterdir() if d.is_dir()]
+    s = json.loads((sdir / "session.json").read_text())
+    pos = _positives(out)
+    assert len(pos) >= 2  # the example photo: the healthy slide's cells the classifier calls
+    counts = json.loads(FIELD_MODEL.with_name(FIELD_MODEL.name + ".card.json").read_text())["operating_points"][
+        s["operating_point"]]["counts"]
+    driver = browser()
+    try:
+        driver.get((sdir / "report.html").as_uri())
+        cards = driver.find_elements(By.CSS_SELECTOR, ".cell")
+        assert [int(c.get_attribute("data-cell")) for c in cards] == [r["cell"] for r in pos]
+        assert driver.find_element(By.ID, "rv-result").text == ""  # nothing reviewed yet
+        cards[0].find_element(By.CSS_SELECTOR, "input[value=confirmed]").click()
+        for c in cards[1:]:
+            c.find_element(By.CSS_SELECTOR, "input[value=rejected]").click()
+        text = driver.find_element(By.ID, "rv-result").text
+        pct = 100 / (s["rbc_count"] * counts["tp"] / (counts["tp"] + counts["fn"]))  # one cell over sensitivity
+        assert text.startswith(f"Confirmed parasitemia {pct:.2f}% (95% interval ")
+        assert f"1 confirmed of {s['rbc_count']} red cells" in text and "not yet reviewed" not in text
+    finally:
+        driver.quit()
+
+
+@needs_browser
+def test_the_reports_review_survives_a_reload_and_downloads_as_csv(field_run):
+    from selenium.webdriver.common.by import By
+    _, out = field_run
+    (sdir,) = [d for d in out.iterdir() if d.is_dir()]
+    pos = _positives(out)
+    driver = browser()
+    try:
+        driver.get((sdir / "report.html").as_uri())
+        driver.find_elements(By.CSS_SELECTOR, ".cell")[-1].find_element(By.CSS_SELECTOR, "input[value=rejected]").click()
+        driver.refresh()
+        assert driver.find_element(By.ID, "rv-progress").text.startswith(f"1 of {len(pos)} positive calls reviewed")
+        rows = driver.execute_script("return reviewCsv()").splitlines()
+        assert rows[0] == "field,cell,prob_parasitized,decision"
+        assert [r.split(",")[1] for r in rows[1:]] == [str(r["cell"]) for r in pos]
+        assert [r.split(",")[-1] for r in rows[1:]] == [""] * (len(pos) - 1) + ["rejected"]
+    finally:
+        driver.quit()
+
+
 def test_field_run_writes_rows_session_and_report(field_run):
     res, out = field_run
     assert res.returncode == 0, res.stderr
@@ -488,7 +561,8 @@ def test_a_session_of_only_unreadable_fields_fails_and_reports_no_rates(tmp_path
     assert res.returncode == 1 and "truncated or corrupt" in res.stdout + res.stderr
     assert "parasitemia n/a" in res.stdout and "(raw n/a)" in res.stdout and "nan" not in res.stdout
     (sdir,) = list((tmp_path / "o").iterdir())
-    assert "raw share n/a" in (sdir / "report.html").read_text()
+    html = (sdir / "report.html").read_text()
+    assert "raw share n/a" in html and "review-data" not in html  # no red cell, nothing to review
 
 
 def test_field_mode_needs_operating_points_in_the_card(exported, tmp_path):
