@@ -31,6 +31,9 @@ class DetectParams:
     preview_regrow: float = 1.5  # cells measured over this × the background window's cell size: measured again
     preview_max_side: int = 2400  # the larger preview's longest side at most
     min_diameter: float = 8.0  # below this many px per cell at full resolution nothing is found
+    # a field holds at least this many cells across its shorter side: a larger "cell" is one object (a cell
+    # crop, an inverted photo's eyepiece disc, a thin strip of noise), and measuring the scale on it is slow
+    min_cells_across: float = 3.0
     eyepiece_dark: float = 0.22  # pixels darker than this share of the bright field are outside the eyepiece
     min_area: float = 0.30  # × median cell area: smaller regions are platelets or debris
     max_area: float = 2.6  # × median cell area: larger regions are unsplit clumps, unless round (below)
@@ -223,6 +226,10 @@ def detect(rgb: np.ndarray, params: DetectParams = DetectParams()) -> Detection:
             diameter, _ = _preview_diameter(rgb, p.preview_max_side, p)
     if not diameter or diameter < p.min_diameter:
         return Detection([], float(diameter or 0), 1.0, work=rgb, note="no cells found (nothing cell-sized in the image)")
+    if diameter * p.min_cells_across > min(H, W):
+        return Detection([], float(diameter), 1.0, work=rgb,
+                         note=f"no cells found (a cell would be {diameter:.0f} px, over 1/{p.min_cells_across:g} of "
+                              f"the image's {min(H, W)} px side: not a field of cells)")
     scale = min(1.0, p.work_diameter / diameter)
     work = _shrink(rgb, scale)
     disc = eyepiece_mask(work, p)
@@ -268,7 +275,7 @@ def _preview_diameter(rgb: np.ndarray, side: float, p: DetectParams) -> tuple[fl
     for _ in range(3):
         fg, *_ = _foreground(pv, inside, guess)
         d = estimate_diameter(_fill_holes(fg, max_area=0.02 * fg.size))
-        if not d or d <= p.preview_regrow * guess:
+        if not d or d <= p.preview_regrow * guess or d * p.min_cells_across > min(pv.shape[:2]):
             break
         guess = d
     return (d / s, d) if d else (None, 0.0)

@@ -401,6 +401,14 @@ def test_random_noise_is_not_a_field():
     assert res.status == "rejected"
 
 
+@pytest.mark.parametrize("shape", [(4000, 17, 3), (30, 4000, 3)], ids=["tall", "wide"])
+def test_a_thin_strip_of_noise_is_not_a_field(shape):
+    # the old code counted 283 and 127 "red cells" in these: at 10-19 px per cell noise makes even blobs
+    noise = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    res = analyze(noise, "strip", load_classifier(FIELD_MODEL), FieldOptions(0.9, COUNTS))
+    assert res.status == "rejected" and res.rbc == 0 and "not a field of cells" in res.reason
+
+
 def test_a_field_of_ragged_real_cells_passes_the_gate():
     # patient 47's crops have ragged outlines: its synthetic fields' median roundness is 0.57-0.65, and the
     # gate at 0.6 left some of them out
