@@ -105,7 +105,7 @@ function decisions() {
 function fmt(v) { return v.toFixed(2); }
 function update() {
   const d = decisions(), c = d.filter(v => v === 'confirmed').length, j = d.filter(v => v === 'rejected').length;
-  cards.forEach((card, i) => { card.className = 'cell ' + d[i]; });
+  cards.forEach((card, i) => { card.className = d[i] ? 'cell rv-' + d[i] : 'cell'; });
   const left = cards.length - c - j;
   document.getElementById('rv-progress').textContent = cards.length === 0 ? 'No positive call to review.' :
     (c + j) + ' of ' + cards.length + ' positive calls reviewed: ' + c + ' confirmed, ' + j + ' rejected.';
@@ -183,7 +183,7 @@ def write_html(out: Path, summary: dict, overlays: list[tuple[str, str]],
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px}} .rejected,.error{{color:#b00}}
 figure{{display:inline-block;margin:4px}} figure img{{max-width:680px}} .cell{{display:inline-block;margin:6px;
 font-size:.85em;text-align:center;vertical-align:top;padding:3px;border:3px solid transparent}}
-.cell img{{width:300px}} .cell.confirmed{{border-color:#c00}} .cell.rejected{{opacity:.45}}
+.cell img{{width:300px}} .cell.rv-confirmed{{border-color:#c00}} .cell.rv-rejected{{opacity:.45}}
 .review{{background:#eef4ff;padding:.5em;position:sticky;top:0;z-index:1;border-bottom:1px solid #99b}}
 .warn{{background:#fff3cd;padding:.5em}}</style></head><body>
 <h1>Session report</h1>
