@@ -20,13 +20,13 @@ import numpy as np
 
 from edge.card import atomic_write_text
 from edge.detect import crop
-from edge.field import FieldOptions, analyze
+from edge.field import FieldOptions, analyze, classify_crops
 from edge.operating import describe, field_point, operating_point
 from edge.images import load_image
 from edge.parasitemia import estimate, rogan_gladen, sensitivity_specificity
 from edge.runtime import load_classifier
-from train.fieldpool import field_pool
-from train.fieldscore import contains, exif_orientation, read_point_set, score
+from train.fieldpool import field_pool, found_cells
+from train.fieldscore import GTPoint, contains, exif_orientation, read_point_set, score
 from train.synthetic import SynthParams, load_crops, make_field
 
 
@@ -80,7 +80,6 @@ def real_fields(root: Path, model, opts: FieldOptions, log=print, crops: list | 
 def every_model_on_real_crops(crops: list[np.ndarray], model_paths: list[Path], log=print) -> list[dict]:
     """The crops field mode cuts from the real (all uninfected) fields, classified by each shipped model at
     its card threshold and its counting point: how many it calls Parasitized."""
-    from edge.field import classify_crops
     rows = []
     for path in model_paths:
         m = load_classifier(path)
@@ -230,18 +229,36 @@ def pool_summary(pool: dict, threshold: float) -> dict:
             "counted_uninfected": pool["counted_uninfected"], **rates(y, p, threshold)}
 
 
-def by_condition(pools: dict[float, dict], threshold: float) -> list[dict]:
-    """The session pools together, split by the imaging condition each field was made under: which
-    conditions cost detection, sensitivity or specificity."""
-    from train.fieldpool import CONDITIONS
+def conditions_paired(data_dir: Path, crops_root: Path, model, opts: FieldOptions, split: str = "test",
+                      parasitemia: float = 0.05, seed: int = 4000, log=print) -> list[dict]:
+    """Each imaging condition of the pools on the same patients: per patient group one field per condition,
+    all from one seed (the same cells; the condition's blur, scale or disc applied after), so the rows
+    differ by the condition alone. The pools cycle conditions through patients, whose crops differ more
+    than the conditions do, so they cannot say what a condition costs. The NIH crops of the same found
+    cells, classified by the same rule, are each row's reference."""
+    from train.fieldpool import CONDITIONS, VARIANTS, patient_crops
+    groups = sorted(patient_crops(data_dir, crops_root, split).items())
     rows = []
-    for v, name in enumerate(CONDITIONS):
-        y = np.concatenate([q["labels"][q["conditions"] == v] for q in pools.values()])
-        p = np.concatenate([q["probs"][q["conditions"] == v] for q in pools.values()])
-        gt = sum(int(q["gt_by_condition"][v]) for q in pools.values())
-        found = sum(int(q["found_by_condition"][v]) for q in pools.values())
-        rows.append({"condition": name, "recall": found / max(gt, 1), "cells": int(len(y)), "infected": int(y.sum()),
-                     **rates(y, p, threshold)})
+    for name, variant in zip(CONDITIONS, VARIANTS):
+        y, p, nih, gt, found, truth_infected, rejected = [], [], [], 0, 0, 0, 0
+        for k, (g, (pos, neg)) in enumerate(groups):
+            source = dict(pos + neg)
+            f = make_field(pos, neg, SynthParams(parasitemia=parasitemia, seed=seed + k, **variant))
+            truth_infected += sum(t.label == "Parasitized" for t in f.red_cells)
+            res = analyze(f.rgb, g, model, opts)
+            rejected += res.status != "ok"
+            s = score(res.detection.cells, [GTPoint(t.x, t.y, t.label) for t in f.truth])
+            gt, found = gt + s.gt, found + s.found
+            for t, _, call in found_cells(res, f.red_cells):
+                y.append(int(t.label == "Parasitized"))
+                p.append(call.prob_parasitized)
+                nih.append(np.ascontiguousarray(np.rot90(source[t.source], t.turns)))
+        y, p = np.array(y, int), np.array(p, float)
+        q = classify_crops(nih, model, screen=opts.screen)
+        rows.append({"condition": name, "fields": len(groups), "rejected": rejected, "truth_infected": truth_infected,
+                     "recall": found / max(gt, 1), "cells": int(len(y)), "infected": int(y.sum()),
+                     **rates(y, p, opts.threshold), "crops": rates(y, q, opts.threshold)})
+        log(f"  {name}: {rows[-1]}")
     return rows
 
 
@@ -369,8 +386,9 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
     pools = {pi: field_pool(data_dir, crops_root, model, opts, split=split, parasitemia=pi,
                             fields_per_group=fields_per_group, log=log) for pi in levels}
     res["sessions"] = simulate_sessions(pools, opts, sessions=sessions)
-    res["pools_by_condition"] = by_condition(pools, point.threshold)
     res["pools_by_contact"] = by_contact(pools, point.threshold)
+    log("imaging conditions on the same patients")
+    res["conditions_paired"] = conditions_paired(data_dir, crops_root, model, opts, split=split, log=log)
     log("infected cells enlarged")
     res["enlarged_infected"] = enlarged_infected(data_dir, crops_root, model, opts, split=split, log=log)
     log("every shipped classifier on the real fields' crops")
@@ -435,14 +453,6 @@ def markdown(r: dict) -> str:
         lines.append(f"| {x['parasitemia_percent']:.1f}% | {q['fields']} | {q['recall']:.4f} | {q['precision']:.4f} | "
                      f"{q['cells']} | {q['infected']} | {q['counted_infected']:.3f} / {q['counted_uninfected']:.3f} | "
                      f"{_fmt(q['sensitivity'], 3)} | {_fmt(q['specificity'], 4)} |")
-    if r.get("pools_by_condition"):
-        lines += ["", "The three pools together, by the imaging condition each field was made under "
-                  "(the pools cycle through them):", "",
-                  "| condition | detection recall | cells | infected | sensitivity | specificity |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for x in r["pools_by_condition"]:
-            lines.append(f"| {x['condition']} | {x['recall']:.4f} | {x['cells']} | {x['infected']} | "
-                         f"{_fmt(x['sensitivity'], 3)} | {_fmt(x['specificity'], 4)} |")
     if r.get("pools_by_contact"):
         lines += ["", "By how much of each cell's mask its crop left to touching neighbours (the overlap the split gave "
                   "them and a gap beside it; 0: the cell touches none):", "",
@@ -454,6 +464,19 @@ def markdown(r: dict) -> str:
                     f"{x['shared_from']:.0%}–{x['shared_to']:.0%}" if x["shared_from"] else f"under {x['shared_to']:.0%}")
             lines.append(f"| {what} | {x['cells']} | {x['share_of_cells']:.3f} | {x['infected']} | "
                          f"{_fmt(x['sensitivity'], 3)} | {_fmt(x['specificity'], 4)} |")
+    if r.get("conditions_paired"):
+        c0 = r["conditions_paired"][0]
+        lines += ["", "## Imaging conditions, on the same patients", "",
+                  f"One field per patient group and condition at 5%, all from one seed: the same cells, with the "
+                  f"condition applied ({c0['fields']} fields per condition). The NIH crops of the same found cells, "
+                  "classified by the same rule, are the reference. (The pools above cycle the conditions through "
+                  "patients, whose crops differ more than the conditions do.)", "",
+                  "| condition | fields rejected | detection recall | cells | infected | sensitivity | specificity | the same cells' NIH crops: sensitivity / specificity |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for x in r["conditions_paired"]:
+            lines.append(f"| {x['condition']} | {x['rejected']} | {x['recall']:.4f} | {x['cells']} | {x['infected']} | "
+                         f"{_fmt(x['sensitivity'], 3)} | {_fmt(x['specificity'], 4)} | "
+                         f"{_fmt(x['crops']['sensitivity'], 3)} / {_fmt(x['crops']['specificity'], 4)} |")
     if r.get("enlarged_infected"):
         lines += ["", "## Infected cells larger than the uninfected", "",
                   "P. vivax and P. ovale enlarge the cells they infect (1.5-2x in late stages); the crops are "

@@ -611,9 +611,6 @@ def test_the_field_pool_keeps_each_found_cells_true_label_and_probability(export
     assert pool["fields"] >= 1 and pool["recall"] > 0.8
     assert len(pool["labels"]) == len(pool["probs"]) > 20 and set(pool["labels"]) <= {0, 1}
     assert pool["labels"].sum() >= 1 and np.all((pool["probs"] >= 0) & (pool["probs"] <= 1))
-    # each cell carries the imaging condition of its field; the first field is made sharp
-    assert len(pool["conditions"]) == len(pool["labels"]) and pool["conditions"][0] == 0
-    assert pool["gt_by_condition"].sum() == pool["gt"] and pool["found_by_condition"].sum() <= pool["gt"]
     assert 0 < pool["counted_infected"] <= 1 and 0.8 < pool["counted_uninfected"] <= 1
     # and how much of its mask it left to touching neighbours: some touch none, most touch one
     assert len(pool["shared"]) == len(pool["labels"]) and np.all((pool["shared"] >= 0) & (pool["shared"] < 0.5))
@@ -656,22 +653,19 @@ def test_the_bias_interval_over_patients_is_narrow_when_they_agree_and_wide_when
     assert lo == pytest.approx(-1.25, abs=0.2) and hi == pytest.approx(1.25, abs=0.2)
 
 
-def test_pools_split_by_imaging_condition_count_each_cell_once():
-    from benchmarks.fields import by_condition
+def test_imaging_conditions_are_compared_on_the_same_cells(exported, prepared):
+    from benchmarks.fields import conditions_paired
+    from tests.conftest import CELLS
     from train.fieldpool import CONDITIONS
-    n = len(CONDITIONS)
-    pools = {  # two levels; condition 0 holds 2 infected (one called) and 2 uninfected (one called)
-        0.01: {"labels": np.array([1, 0, 0]), "probs": np.array([0.9, 0.95, 0.1]), "conditions": np.array([0, 0, 1]),
-               "gt_by_condition": np.array([4, 2] + [0] * (n - 2)), "found_by_condition": np.array([3, 2] + [0] * (n - 2))},
-        0.05: {"labels": np.array([1, 0]), "probs": np.array([0.2, 0.3]), "conditions": np.array([0, 0]),
-               "gt_by_condition": np.array([2] + [0] * (n - 1)), "found_by_condition": np.array([2] + [0] * (n - 1))},
-    }
-    rows = by_condition(pools, threshold=0.5)
+    m = load_classifier(exported / "tiny_int8.tflite")
+    rows = conditions_paired(prepared, CELLS, m, FieldOptions(0.5, COUNTS), split="val", log=lambda *_: None)
     assert [r["condition"] for r in rows] == CONDITIONS
-    assert rows[0] == {"condition": CONDITIONS[0], "recall": 5 / 6, "cells": 4, "infected": 2,
-                       "sensitivity": 0.5, "specificity": 0.5}
-    assert rows[1]["cells"] == 1 and rows[1]["sensitivity"] is None and rows[1]["specificity"] == 1.0
-    assert rows[2]["cells"] == 0 and rows[2]["recall"] == 0 and rows[2]["specificity"] is None
+    # sharp, defocused and half scale lay the same cells: blur and scale come after
+    assert rows[0]["truth_infected"] == rows[1]["truth_infected"] == rows[2]["truth_infected"] > 0
+    sharp = rows[0]
+    assert sharp["recall"] > 0.8 and sharp["cells"] > 20 and sharp["infected"] >= 1
+    # the reference is the same found cells' own crops: one probability per counted cell
+    assert sharp["crops"]["sensitivity"] is not None and 0 <= sharp["crops"]["specificity"] <= 1
 
 
 def test_pools_split_by_contact_put_each_cell_in_one_bin():

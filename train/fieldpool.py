@@ -50,12 +50,11 @@ def found_cells(res: FieldResult, truth: list) -> list[tuple]:
 def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, split: str = "val",
                fields_per_group: int = 2, parasitemia: float = POOL_PARASITEMIA, seed: int = 1000,
                log=print) -> dict:
-    """(true label, P(Parasitized), imaging condition, share of its mask left to touching neighbours,
-    patient group) of every found cell of synthetic fields from one split's infected patients, with
-    detection recall and precision overall and per condition, and the share of each class's cells counted."""
-    labels, probs, conds, shared, groups, n_gt, n_found, n_det, n_correct, k = [], [], [], [], [], 0, 0, 0, 0, 0
+    """(true label, P(Parasitized), share of its mask left to touching neighbours, patient group) of every
+    found cell of synthetic fields from one split's infected patients, made under the imaging conditions in
+    turn, with detection recall and precision and the share of each class's cells counted."""
+    labels, probs, shared, groups, n_gt, n_found, n_det, n_correct, k = [], [], [], [], 0, 0, 0, 0, 0
     gt_infected = gt_uninfected = 0
-    gt_by, found_by = np.zeros(len(VARIANTS), int), np.zeros(len(VARIANTS), int)
     for g, (pos, neg) in sorted(patient_crops(data_dir, crops_root, split).items()):
         for j in range(fields_per_group):
             v = k % len(VARIANTS)
@@ -65,13 +64,11 @@ def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, spli
             det = res.detection
             s = score(det.cells, [GTPoint(t.x, t.y, t.label) for t in f.truth])
             n_gt, n_found, n_det, n_correct = n_gt + s.gt, n_found + s.found, n_det + s.detections, n_correct + s.correct
-            gt_by[v], found_by[v] = gt_by[v] + s.gt, found_by[v] + s.found
             inf = sum(t.label == "Parasitized" for t in f.red_cells)
             gt_infected, gt_uninfected = gt_infected + inf, gt_uninfected + len(f.red_cells) - inf
             for t, cell, call in found_cells(res, f.red_cells):
                 labels.append(int(t.label == "Parasitized"))
                 probs.append(call.prob_parasitized)
-                conds.append(v)
                 shared.append(cell.shared)
                 groups.append(g)
     y = np.array(labels)
@@ -83,5 +80,4 @@ def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, spli
             # detector leaves out more often is under-counted before any classifier error
             "counted_infected": int(y.sum()) / max(gt_infected, 1),
             "counted_uninfected": int(len(y) - y.sum()) / max(gt_uninfected, 1),
-            "conditions": np.array(conds, int), "gt_by_condition": gt_by, "found_by_condition": found_by,
             "shared": np.array(shared, float), "groups": np.array(groups)}
