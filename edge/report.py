@@ -103,6 +103,7 @@ function decisions() {
   return cards.map(c => { const r = c.querySelector('input:checked'); return r ? r.value : ''; });
 }
 function fmt(v) { return v.toFixed(2); }
+function ul(v) { return Math.round(v / 100 * R.rbc_per_ul).toLocaleString('en-US'); }
 function update() {
   const d = decisions(), c = d.filter(v => v === 'confirmed').length, j = d.filter(v => v === 'rejected').length;
   cards.forEach((card, i) => { card.className = d[i] ? 'cell rv-' + d[i] : 'cell'; });
@@ -111,7 +112,8 @@ function update() {
     (c + j) + ' of ' + cards.length + ' positive calls reviewed: ' + c + ' confirmed, ' + j + ' rejected.';
   const t = R.table[Math.min(c, R.table.length - 1)];
   document.getElementById('rv-result').textContent = (c + j) === 0 ? '' :
-    'Confirmed parasitemia ' + fmt(t[0]) + '% (95% interval ' + fmt(t[1]) + '-' + fmt(t[2]) + '%): ' + c +
+    'Confirmed parasitemia ' + fmt(t[0]) + '% (95% interval ' + fmt(t[1]) + '-' + fmt(t[2]) + '%), ' + ul(t[0]) +
+    ' parasites/µL (' + ul(t[1]) + '-' + ul(t[2]) + ', assuming ' + ul(100) + ' red cells/µL): ' + c +
     ' confirmed of ' + R.rbc + ' red cells, over the validation sensitivity ' + R.se +
     ' (the infected cells the classifier misses); the calls you rejected count as its false positives.' +
     (left ? ' ' + left + ' calls not yet reviewed are not counted in it.' : '');
@@ -172,6 +174,7 @@ def write_html(out: Path, summary: dict, overlays: list[tuple[str, str]],
     review = script = ""
     if confirmed and e["rbc_count"]:
         data = {"id": review_id(e, gallery), "rbc": e["rbc_count"], "se": e["sensitivity_validation"],
+                "rbc_per_ul": e["rbc_per_ul_assumed"],
                 "table": [[round(v, 4) for v in row] for row in confirmed]}
         review = ("<div class='review'><b>Your review</b> (confirm or reject each positive cell below; kept in this "
                   "browser): <span id='rv-progress'></span><br><b id='rv-result'></b><br>"

@@ -464,6 +464,8 @@ def test_the_reports_review_gives_the_parasitemia_of_the_confirmed_calls(field_r
         text = driver.find_element(By.ID, "rv-result").text
         pct = 100 / (s["rbc_count"] * counts["tp"] / (counts["tp"] + counts["fn"]))  # one cell over sensitivity
         assert text.startswith(f"Confirmed parasitemia {pct:.2f}% (95% interval ")
+        per_ul = round(float(text.split("), ")[1].split(" parasites/µL")[0].replace(",", "")))
+        assert per_ul == pytest.approx(pct / 100 * s["rbc_per_ul_assumed"], abs=0.01 / 100 * s["rbc_per_ul_assumed"])
         assert f"1 confirmed of {s['rbc_count']} red cells" in text and "not yet reviewed" not in text
     finally:
         driver.quit()
