@@ -106,7 +106,10 @@ function fmt(v) { return v.toFixed(2); }
 function ul(v) { return Math.round(v / 100 * R.rbc_per_ul).toLocaleString('en-US'); }
 function update() {
   const d = decisions(), c = d.filter(v => v === 'confirmed').length, j = d.filter(v => v === 'rejected').length;
-  cards.forEach((card, i) => { card.className = d[i] ? 'cell rv-' + d[i] : 'cell'; });
+  cards.forEach((card, i) => {
+    card.classList.toggle('rv-confirmed', d[i] === 'confirmed');
+    card.classList.toggle('rv-rejected', d[i] === 'rejected');
+  });
   const left = cards.length - c - j;
   document.getElementById('rv-progress').textContent = cards.length === 0 ? 'No positive call to review.' :
     (c + j) + ' of ' + cards.length + ' positive calls reviewed: ' + c + ' confirmed, ' + j + ' rejected.';
@@ -136,6 +139,26 @@ try {
   cards.forEach((c, i) => { const r = c.querySelector('input[value="' + saved[i] + '"]'); if (r) r.checked = true; });
 } catch (e) {}
 cards.forEach(c => c.querySelectorAll('input').forEach(r => r.addEventListener('change', update)));
+// keys: c confirms and r rejects the current cell, then moves on; arrows move
+let cur = 0;
+function show(i, scroll) {
+  if (!cards.length) return;
+  cur = Math.max(0, Math.min(i, cards.length - 1));
+  cards.forEach((c, k) => c.classList.toggle('rv-current', k === cur));
+  if (scroll) cards[cur].scrollIntoView({block: 'center'});
+}
+document.addEventListener('keydown', ev => {
+  if (ev.ctrlKey || ev.metaKey || ev.altKey || !cards.length) return;
+  const k = ev.key.toLowerCase();
+  if (k === 'c' || k === 'r') {
+    cards[cur].querySelector('input[value=' + (k === 'c' ? 'confirmed' : 'rejected') + ']').checked = true;
+    update();
+    show(cur + 1, true);
+  } else if (k === 'arrowright' || k === 'arrowdown') { show(cur + 1, true); ev.preventDefault(); }
+  else if (k === 'arrowleft' || k === 'arrowup') { show(cur - 1, true); ev.preventDefault(); }
+});
+cards.forEach((c, i) => c.addEventListener('click', () => show(i, false)));
+show(0, false);
 update();
 """
 
@@ -177,7 +200,8 @@ def write_html(out: Path, summary: dict, overlays: list[tuple[str, str]],
                 "rbc_per_ul": e["rbc_per_ul_assumed"],
                 "table": [[round(v, 4) for v in row] for row in confirmed]}
         review = ("<div class='review'><b>Your review</b> (confirm or reject each positive cell below; kept in this "
-                  "browser): <span id='rv-progress'></span><br><b id='rv-result'></b><br>"
+                  "browser; keys: c confirms, r rejects the outlined cell and moves on, arrows move): "
+                  "<span id='rv-progress'></span><br><b id='rv-result'></b><br>"
                   "<button id='rv-download'>Download the review (CSV)</button></div>")
         script = (f"<script id='review-data' type='application/json'>{json.dumps(data)}</script>"
                   f"<script>{REVIEW_JS}</script>")
@@ -187,6 +211,7 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px}}
 figure{{display:inline-block;margin:4px}} figure img{{max-width:680px}} .cell{{display:inline-block;margin:6px;
 font-size:.85em;text-align:center;vertical-align:top;padding:3px;border:3px solid transparent}}
 .cell img{{width:300px}} .cell.rv-confirmed{{border-color:#c00}} .cell.rv-rejected{{opacity:.45}}
+.cell.rv-current{{outline:3px dashed #36c;outline-offset:2px}}
 .review{{background:#eef4ff;padding:.5em;position:sticky;top:0;z-index:1;border-bottom:1px solid #99b}}
 .warn{{background:#fff3cd;padding:.5em}}</style></head><body>
 <h1>Session report</h1>

@@ -472,6 +472,25 @@ def test_the_reports_review_gives_the_parasitemia_of_the_confirmed_calls(field_r
 
 
 @needs_browser
+def test_the_reports_review_takes_c_and_r_keys_cell_by_cell(field_run):
+    from selenium.webdriver.common.by import By
+    _, out = field_run
+    (sdir,) = [d for d in out.iterdir() if d.is_dir()]
+    n = len(_positives(out))
+    driver = browser()
+    try:
+        driver.get((sdir / "report.html").as_uri())
+        body = driver.find_element(By.TAG_NAME, "body")
+        body.send_keys("r")  # the first cell
+        body.send_keys("c")  # the second
+        decisions = [r.split(",")[-1] for r in driver.execute_script("return reviewCsv()").splitlines()[1:]]
+        assert decisions == ["rejected", "confirmed"] + [""] * (n - 2)
+        assert driver.find_element(By.ID, "rv-progress").text.startswith(f"2 of {n} positive calls reviewed")
+    finally:
+        driver.quit()
+
+
+@needs_browser
 def test_the_reports_review_survives_a_reload_and_downloads_as_csv(field_run):
     from selenium.webdriver.common.by import By
     _, out = field_run
