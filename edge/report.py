@@ -192,7 +192,7 @@ def write_html(out: Path, summary: dict, overlays: list[tuple[str, str]],
         verdict = "".join(f"<label><input type='radio' name='rv{k}' value='{v}'> {v[:-2]}</label> "
                           for v in ("confirmed", "rejected")) if confirmed else ""
         cards.append(f"<div class='cell' data-field='{html.escape(str(name))}' data-cell='{idx}' data-p='{prob:.6f}'>"
-                     f"<img src='{data_uri(pic, '.png')}'><br>{html.escape(Path(name).name)} #{idx}<br>"
+                     f"<img src='{data_uri(pic)}'><br>{html.escape(Path(name).name)} #{idx}<br>"
                      f"P(parasitized) {prob:.3f}<br>{verdict}</div>")
     review = script = ""
     if confirmed and e["rbc_count"]:

@@ -438,6 +438,16 @@ def field_run(tmp_path_factory):
     return res, out
 
 
+def test_the_reports_gallery_stays_light_enough_for_hundreds_of_calls(field_run):
+    import re
+    _, out = field_run
+    (sdir,) = [d for d in out.iterdir() if d.is_dir()]
+    cards = re.findall(r"<div class='cell'[^>]*><img src='([^']+)'", (sdir / "report.html").read_text())
+    assert len(cards) == len(_positives(out)) >= 1
+    # a severe infection counted to 2,000 cells makes some 400 calls: at 50 KB a card that is a 20 MB page
+    assert max(len(c) for c in cards) < 50_000
+
+
 def _positives(out):
     return [r for r in map(json.loads, (out / "cells.jsonl").read_text().splitlines()) if r["label"] == "Parasitized"]
 
