@@ -139,7 +139,8 @@ try {
   cards.forEach((c, i) => { const r = c.querySelector('input[value="' + saved[i] + '"]'); if (r) r.checked = true; });
 } catch (e) {}
 cards.forEach(c => c.querySelectorAll('input').forEach(r => r.addEventListener('change', update)));
-// keys: c confirms and r rejects the current cell, then moves on; arrows move
+// keys: c confirms and r rejects the current cell, then moves on; left and right arrows move (up and down
+// still scroll the page)
 let cur = 0;
 function show(i, scroll) {
   if (!cards.length) return;
@@ -154,8 +155,8 @@ document.addEventListener('keydown', ev => {
     cards[cur].querySelector('input[value=' + (k === 'c' ? 'confirmed' : 'rejected') + ']').checked = true;
     update();
     show(cur + 1, true);
-  } else if (k === 'arrowright' || k === 'arrowdown') { show(cur + 1, true); ev.preventDefault(); }
-  else if (k === 'arrowleft' || k === 'arrowup') { show(cur - 1, true); ev.preventDefault(); }
+  } else if (k === 'arrowright') { show(cur + 1, true); ev.preventDefault(); }
+  else if (k === 'arrowleft') { show(cur - 1, true); ev.preventDefault(); }
 });
 cards.forEach((c, i) => c.addEventListener('click', () => show(i, false)));
 show(0, false);
@@ -200,7 +201,7 @@ def write_html(out: Path, summary: dict, overlays: list[tuple[str, str]],
                 "rbc_per_ul": e["rbc_per_ul_assumed"],
                 "table": [[round(v, 4) for v in row] for row in confirmed]}
         review = ("<div class='review'><b>Your review</b> (confirm or reject each positive cell below; kept in this "
-                  "browser; keys: c confirms, r rejects the outlined cell and moves on, arrows move): "
+                  "browser; keys: c confirms, r rejects the outlined cell and moves on, ← → move): "
                   "<span id='rv-progress'></span><br><b id='rv-result'></b><br>"
                   "<button id='rv-download'>Download the review (CSV)</button></div>")
         script = (f"<script id='review-data' type='application/json'>{json.dumps(data)}</script>"
