@@ -25,7 +25,7 @@ from edge.operating import describe, field_point, operating_point
 from edge.images import load_image
 from edge.parasitemia import estimate, rogan_gladen, sensitivity_specificity
 from edge.runtime import load_classifier
-from train.fieldpool import field_pool, found_cells
+from train.fieldpool import CONDITIONS, VARIANTS, field_pool, found_cells, patient_crops
 from train.fieldscore import GTPoint, contains, exif_orientation, read_point_set, score
 from train.synthetic import SynthParams, load_crops, make_field
 
@@ -236,7 +236,6 @@ def conditions_paired(data_dir: Path, crops_root: Path, model, opts: FieldOption
     differ by the condition alone. The pools cycle conditions through patients, whose crops differ more
     than the conditions do, so they cannot say what a condition costs. The NIH crops of the same found
     cells, classified by the same rule, are each row's reference."""
-    from train.fieldpool import CONDITIONS, VARIANTS, patient_crops
     groups = sorted(patient_crops(data_dir, crops_root, split).items())
     rows = []
     for name, variant in zip(CONDITIONS, VARIANTS):
@@ -292,7 +291,6 @@ def enlarged_infected(data_dir: Path, crops_root: Path, model, opts: FieldOption
     (the crops are P. falciparum, whose cells keep their size): the share of them counted, taken for
     white cells or platelets, or left out as clumps, and the counted ones' sensitivity. One sharp field
     per patient group and factor."""
-    from train.fieldpool import patient_crops
     groups = sorted(patient_crops(data_dir, crops_root, split).items())
     rows = []
     for f in factors:

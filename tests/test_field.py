@@ -441,8 +441,7 @@ def field_run(tmp_path_factory):
 def test_the_reports_gallery_stays_light_enough_for_hundreds_of_calls(field_run):
     import re
     _, out = field_run
-    (sdir,) = [d for d in out.iterdir() if d.is_dir()]
-    cards = re.findall(r"<div class='cell'[^>]*><img src='([^']+)'", (sdir / "report.html").read_text())
+    cards = re.findall(r"<div class='cell'[^>]*><img src='([^']+)'", (_session(out) / "report.html").read_text())
     assert len(cards) == len(_positives(out)) >= 1
     # a severe infection counted to 2,000 cells makes some 400 calls: at 50 KB a card that is a 20 MB page
     assert max(len(c) for c in cards) < 50_000
@@ -452,72 +451,70 @@ def _positives(out):
     return [r for r in map(json.loads, (out / "cells.jsonl").read_text().splitlines()) if r["label"] == "Parasitized"]
 
 
+def _session(out):
+    (sdir,) = [d for d in out.iterdir() if d.is_dir()]
+    return sdir
+
+
+@pytest.fixture
+def report_page(field_run):
+    """The bundled photo's report.html open in a fresh headless browser (so with empty storage)."""
+    driver = browser()
+    try:
+        driver.get((_session(field_run[1]) / "report.html").as_uri())
+        yield driver
+    finally:
+        driver.quit()
+
+
 @needs_browser
-def test_the_reports_review_gives_the_parasitemia_of_the_confirmed_calls(field_run):
+def test_the_reports_review_gives_the_parasitemia_of_the_confirmed_calls(field_run, report_page):
     from selenium.webdriver.common.by import By
     _, out = field_run
-    (sdir,) = [d for d in out.iterdir() if d.is_dir()]
-    s = json.loads((sdir / "session.json").read_text())
+    s = json.loads((_session(out) / "session.json").read_text())
     pos = _positives(out)
     assert len(pos) >= 2  # the example photo: the healthy slide's cells the classifier calls
     counts = json.loads(FIELD_MODEL.with_name(FIELD_MODEL.name + ".card.json").read_text())["operating_points"][
         s["operating_point"]]["counts"]
-    driver = browser()
-    try:
-        driver.get((sdir / "report.html").as_uri())
-        cards = driver.find_elements(By.CSS_SELECTOR, ".cell")
-        assert [int(c.get_attribute("data-cell")) for c in cards] == [r["cell"] for r in pos]
-        assert driver.find_element(By.ID, "rv-result").text == ""  # nothing reviewed yet
-        cards[0].find_element(By.CSS_SELECTOR, "input[value=confirmed]").click()
-        for c in cards[1:]:
-            c.find_element(By.CSS_SELECTOR, "input[value=rejected]").click()
-        text = driver.find_element(By.ID, "rv-result").text
-        pct = 100 / (s["rbc_count"] * counts["tp"] / (counts["tp"] + counts["fn"]))  # one cell over sensitivity
-        assert text.startswith(f"Confirmed parasitemia {pct:.2f}% (95% interval ")
-        per_ul = round(float(text.split("), ")[1].split(" parasites/µL")[0].replace(",", "")))
-        assert per_ul == pytest.approx(pct / 100 * s["rbc_per_ul_assumed"], abs=0.01 / 100 * s["rbc_per_ul_assumed"])
-        assert f"1 confirmed of {s['rbc_count']} red cells" in text and "not yet reviewed" not in text
-    finally:
-        driver.quit()
+    driver = report_page
+    cards = driver.find_elements(By.CSS_SELECTOR, ".cell")
+    assert [int(c.get_attribute("data-cell")) for c in cards] == [r["cell"] for r in pos]
+    assert driver.find_element(By.ID, "rv-result").text == ""  # nothing reviewed yet
+    cards[0].find_element(By.CSS_SELECTOR, "input[value=confirmed]").click()
+    for c in cards[1:]:
+        c.find_element(By.CSS_SELECTOR, "input[value=rejected]").click()
+    text = driver.find_element(By.ID, "rv-result").text
+    pct = 100 / (s["rbc_count"] * counts["tp"] / (counts["tp"] + counts["fn"]))  # one cell over sensitivity
+    assert text.startswith(f"Confirmed parasitemia {pct:.2f}% (95% interval ")
+    per_ul = round(float(text.split("), ")[1].split(" parasites/µL")[0].replace(",", "")))
+    assert per_ul == pytest.approx(pct / 100 * s["rbc_per_ul_assumed"], abs=0.01 / 100 * s["rbc_per_ul_assumed"])
+    assert f"1 confirmed of {s['rbc_count']} red cells" in text and "not yet reviewed" not in text
 
 
 @needs_browser
-def test_the_reports_review_takes_c_and_r_keys_cell_by_cell(field_run):
+def test_the_reports_review_takes_c_and_r_keys_cell_by_cell(field_run, report_page):
     from selenium.webdriver.common.by import By
-    _, out = field_run
-    (sdir,) = [d for d in out.iterdir() if d.is_dir()]
-    n = len(_positives(out))
-    driver = browser()
-    try:
-        driver.get((sdir / "report.html").as_uri())
-        body = driver.find_element(By.TAG_NAME, "body")
-        body.send_keys("r")  # the first cell
-        body.send_keys("c")  # the second
-        decisions = [r.split(",")[-1] for r in driver.execute_script("return reviewCsv()").splitlines()[1:]]
-        assert decisions == ["rejected", "confirmed"] + [""] * (n - 2)
-        assert driver.find_element(By.ID, "rv-progress").text.startswith(f"2 of {n} positive calls reviewed")
-    finally:
-        driver.quit()
+    n = len(_positives(field_run[1]))
+    body = report_page.find_element(By.TAG_NAME, "body")
+    body.send_keys("r")  # the first cell
+    body.send_keys("c")  # the second
+    decisions = [r.split(",")[-1] for r in report_page.execute_script("return reviewCsv()").splitlines()[1:]]
+    assert decisions == ["rejected", "confirmed"] + [""] * (n - 2)
+    assert report_page.find_element(By.ID, "rv-progress").text.startswith(f"2 of {n} positive calls reviewed")
 
 
 @needs_browser
-def test_the_reports_review_survives_a_reload_and_downloads_as_csv(field_run):
+def test_the_reports_review_survives_a_reload_and_downloads_as_csv(field_run, report_page):
     from selenium.webdriver.common.by import By
-    _, out = field_run
-    (sdir,) = [d for d in out.iterdir() if d.is_dir()]
-    pos = _positives(out)
-    driver = browser()
-    try:
-        driver.get((sdir / "report.html").as_uri())
-        driver.find_elements(By.CSS_SELECTOR, ".cell")[-1].find_element(By.CSS_SELECTOR, "input[value=rejected]").click()
-        driver.refresh()
-        assert driver.find_element(By.ID, "rv-progress").text.startswith(f"1 of {len(pos)} positive calls reviewed")
-        rows = driver.execute_script("return reviewCsv()").splitlines()
-        assert rows[0] == "field,cell,prob_parasitized,decision"
-        assert [r.split(",")[1] for r in rows[1:]] == [str(r["cell"]) for r in pos]
-        assert [r.split(",")[-1] for r in rows[1:]] == [""] * (len(pos) - 1) + ["rejected"]
-    finally:
-        driver.quit()
+    pos = _positives(field_run[1])
+    driver = report_page
+    driver.find_elements(By.CSS_SELECTOR, ".cell")[-1].find_element(By.CSS_SELECTOR, "input[value=rejected]").click()
+    driver.refresh()
+    assert driver.find_element(By.ID, "rv-progress").text.startswith(f"1 of {len(pos)} positive calls reviewed")
+    rows = driver.execute_script("return reviewCsv()").splitlines()
+    assert rows[0] == "field,cell,prob_parasitized,decision"
+    assert [r.split(",")[1] for r in rows[1:]] == [str(r["cell"]) for r in pos]
+    assert [r.split(",")[-1] for r in rows[1:]] == [""] * (len(pos) - 1) + ["rejected"]
 
 
 def test_field_run_writes_rows_session_and_report(field_run):
@@ -529,7 +526,7 @@ def test_field_run_writes_rows_session_and_report(field_run):
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) > 250 and all(r["label"] in ("Parasitized", "Uninfected") for r in ok)
     assert all(0 <= r["box"][0] and r["box"][0] + r["box"][2] <= 2988 and r["box"][1] + r["box"][3] <= 5312 for r in rows)
-    (sdir,) = [d for d in out.iterdir() if d.is_dir()]
+    sdir = _session(out)
     s = json.loads((sdir / "session.json").read_text())
     assert s["rbc_count"] == len(ok) and s["target_reached"] is True
     assert s["positive_count"] == sum(r["label"] == "Parasitized" for r in ok)
