@@ -156,31 +156,41 @@ def simulate_sessions(pools: dict[float, dict], opts: FieldOptions, sessions: in
     infected and uninfected cells from its own level's pool, so an uninfected cell has as many infected
     neighbours (whose parasites can reach into its crop) as it would in such a smear, and in the
     proportion the detector counts them: of a smear at `pi`, a share pi·a / (pi·a + (1 − pi)·b) of the
-    counted cells is infected, where a and b are the shares of infected and uninfected cells counted."""
+    counted cells is infected, where a and b are the shares of infected and uninfected cells counted.
+    Where the pool has the cells' own NIH crops classified, the same sessions are also read from those
+    (`crops_bias_pp`): the bias left when the counted cells are read from their own crops, not re-cut."""
     rng = np.random.default_rng(seed)
     rows = []
     for pi, pool in pools.items():
-        y, p = pool["labels"], pool["probs"]
-        pos, neg = p[y == 1], p[y == 0]
+        y = pool["labels"]
+        readings = {"field": pool["probs"]}
+        if "crop_probs" in pool:
+            readings["crops"] = pool["crop_probs"]
+        pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
         a, b = pool["counted_infected"], pool["counted_uninfected"]
         counted_share = pi * a / (pi * a + (1 - pi) * b)
-        err, raw_err, cover, width = [], [], [], []
+        err, raw_err, cover, width = ({k: [] for k in readings} for _ in range(4))
         for _ in range(sessions):
             n_inf = rng.binomial(n_cells, counted_share)
-            calls = np.concatenate([rng.choice(pos, n_inf), rng.choice(neg, n_cells - n_inf)]) >= opts.threshold
-            e = estimate(int(calls.sum()), n_cells, opts.counts, draws=4000, seed=int(rng.integers(1 << 31)),
-                         by_patient=opts.by_patient)
-            err.append(e.parasitemia_percent - 100 * pi)
-            raw_err.append(e.raw_percent - 100 * pi)
-            lo, hi = e.parasitemia_ci95
-            cover.append(lo <= 100 * pi <= hi)
-            width.append(hi - lo)
+            cells = np.concatenate([rng.choice(pos, n_inf), rng.choice(neg, n_cells - n_inf)])
+            mc_seed = int(rng.integers(1 << 31))
+            for k, probs in readings.items():
+                e = estimate(int((probs[cells] >= opts.threshold).sum()), n_cells, opts.counts, draws=4000,
+                             seed=mc_seed, by_patient=opts.by_patient)
+                err[k].append(e.parasitemia_percent - 100 * pi)
+                raw_err[k].append(e.raw_percent - 100 * pi)
+                lo, hi = e.parasitemia_ci95
+                cover[k].append(lo <= 100 * pi <= hi)
+                width[k].append(hi - lo)
         floor = np.abs(rng.binomial(n_cells, pi, 100_000) / n_cells - pi).mean() * 100
+        e, r = err["field"], raw_err["field"]
         rows.append({"parasitemia_percent": 100 * pi, "sessions": sessions, "cells": n_cells,
-                     "bias_pp": float(np.mean(err)), "mae_pp": float(np.mean(np.abs(err))),
-                     "binomial_floor_mae_pp": float(floor), "coverage_ci95": float(np.mean(cover)),
-                     "mean_ci95_width_pp": float(np.mean(width)),
-                     "raw_bias_pp": float(np.mean(raw_err)), "raw_mae_pp": float(np.mean(np.abs(raw_err))),
+                     "bias_pp": float(np.mean(e)), "mae_pp": float(np.mean(np.abs(e))),
+                     "binomial_floor_mae_pp": float(floor), "coverage_ci95": float(np.mean(cover["field"])),
+                     "mean_ci95_width_pp": float(np.mean(width["field"])),
+                     "raw_bias_pp": float(np.mean(r)), "raw_mae_pp": float(np.mean(np.abs(r))),
+                     "crops_bias_pp": float(np.mean(err["crops"])) if "crops" in err else None,
+                     "crops_coverage_ci95": float(np.mean(cover["crops"])) if "crops" in cover else None,
                      "bias_ci95_over_patients": (list(bias_over_patients(pool, pi, opts, n_cells))
                                                  if "groups" in pool else None),
                      "pool": pool_summary(pool, opts.threshold)})
@@ -226,7 +236,22 @@ def pool_summary(pool: dict, threshold: float) -> dict:
     y, p = pool["labels"], pool["probs"]
     return {"fields": pool["fields"], "recall": pool["recall"], "precision": pool["precision"],
             "cells": int(len(y)), "infected": int(y.sum()), "counted_infected": pool["counted_infected"],
-            "counted_uninfected": pool["counted_uninfected"], **rates(y, p, threshold)}
+            "counted_uninfected": pool["counted_uninfected"], **rates(y, p, threshold),
+            "crops": rates(y, pool["crop_probs"], threshold) if "crop_probs" in pool else None}
+
+
+def pool_by_patient(pool: dict, threshold: float) -> list[dict]:
+    """Per patient group of a pool: how many infected crops its fields were drawn from, how many infected
+    cells they counted, and the sensitivity of field mode and of those cells' own NIH crops. Every group
+    gets about as many infected cells, so a group with a handful of infected crops lays each many times."""
+    y, g = pool["labels"] == 1, pool["groups"]
+    rows = []
+    for name in sorted(set(g[y].tolist())):
+        m = y & (g == name)
+        rows.append({"group": name, "infected_crops": pool["infected_crops"].get(name), "infected": int(m.sum()),
+                     "sensitivity": float(np.mean(pool["probs"][m] >= threshold)),
+                     "crops_sensitivity": float(np.mean(pool["crop_probs"][m] >= threshold))})
+    return rows
 
 
 def conditions_paired(data_dir: Path, crops_root: Path, model, opts: FieldOptions, split: str = "test",
@@ -251,7 +276,7 @@ def conditions_paired(data_dir: Path, crops_root: Path, model, opts: FieldOption
             for t, _, call in found_cells(res, f.red_cells):
                 y.append(int(t.label == "Parasitized"))
                 p.append(call.prob_parasitized)
-                nih.append(np.ascontiguousarray(np.rot90(source[t.source], t.turns)))
+                nih.append(t.own_crop(source))
         y, p = np.array(y, int), np.array(p, float)
         q = classify_crops(nih, model, screen=opts.screen)
         rows.append({"condition": name, "fields": len(groups), "rejected": rejected, "truth_infected": truth_infected,
@@ -385,6 +410,8 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
                             fields_per_group=fields_per_group, log=log) for pi in levels}
     res["sessions"] = simulate_sessions(pools, opts, sessions=sessions)
     res["pools_by_contact"] = by_contact(pools, point.threshold)
+    res["pool_by_patient"] = {"parasitemia_percent": 100 * max(levels),
+                              "rows": pool_by_patient(pools[max(levels)], point.threshold)}
     log("imaging conditions on the same patients")
     res["conditions_paired"] = conditions_paired(data_dir, crops_root, model, opts, split=split, log=log)
     log("infected cells enlarged")
@@ -435,22 +462,34 @@ def markdown(r: dict) -> str:
               "more often is under-counted), and are scored against the smear's parasitemia. The correction uses "
               f"the card's validation counts {r['counts']}"
               + (f" and their spread over {r['patients']} validation patients" if r.get("patients") else "") + ".", "",
-              "| true parasitemia | sessions x cells | bias (pp) | bias, 95% interval over patients (pp) | MAE (pp) | binomial floor MAE (pp) | 95% CI coverage | mean CI width (pp) | raw bias (pp) | raw MAE (pp) |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| true parasitemia | sessions x cells | bias (pp) | bias, 95% interval over patients (pp) | MAE (pp) | binomial floor MAE (pp) | 95% CI coverage | mean CI width (pp) | raw bias (pp) | raw MAE (pp) | bias, the same cells read from their NIH crops (pp) |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in r["sessions"]:
         ci = x.get("bias_ci95_over_patients")
         ci = f"{ci[0]:+.2f} to {ci[1]:+.2f}" if ci else "–"
+        crops = x.get("crops_bias_pp")
         lines.append(f"| {x['parasitemia_percent']:.1f}% | {x['sessions']} x {x['cells']} | {x['bias_pp']:+.3f} | {ci} | "
                      f"{x['mae_pp']:.3f} | {x['binomial_floor_mae_pp']:.3f} | {x['coverage_ci95']:.1%} | "
                      f"{x['mean_ci95_width_pp']:.2f} | "
-                     f"{x['raw_bias_pp']:+.3f} | {x['raw_mae_pp']:.3f} |")
-    lines += ["", "| pool at | fields | detection recall | precision | cells | infected | infected / uninfected cells counted | sensitivity | specificity |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                     f"{x['raw_bias_pp']:+.3f} | {x['raw_mae_pp']:.3f} | {'–' if crops is None else f'{crops:+.3f}'} |")
+    lines += ["", "| pool at | fields | detection recall | precision | cells | infected | infected / uninfected cells counted | sensitivity | specificity | the same cells' NIH crops: sensitivity / specificity |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in r["sessions"]:
         q = x["pool"]
+        c = q.get("crops") or {"sensitivity": None, "specificity": None}
         lines.append(f"| {x['parasitemia_percent']:.1f}% | {q['fields']} | {q['recall']:.4f} | {q['precision']:.4f} | "
                      f"{q['cells']} | {q['infected']} | {q['counted_infected']:.3f} / {q['counted_uninfected']:.3f} | "
-                     f"{_fmt(q['sensitivity'], 3)} | {_fmt(q['specificity'], 4)} |")
+                     f"{_fmt(q['sensitivity'], 3)} | {_fmt(q['specificity'], 4)} | "
+                     f"{_fmt(c['sensitivity'], 3)} / {_fmt(c['specificity'], 4)} |")
+    if r.get("pool_by_patient"):
+        pb = r["pool_by_patient"]
+        lines += ["", f"The {pb['parasitemia_percent']:.0f}% pool by patient group: every group's fields get about as "
+                  "many infected cells, drawn (with replacement) from however many infected crops it has:", "",
+                  "| patient group | infected crops | infected cells counted | sensitivity | their NIH crops' sensitivity |",
+                  "|---|---:|---:|---:|---:|"]
+        for x in pb["rows"]:
+            lines.append(f"| {x['group']} | {x['infected_crops']} | {x['infected']} | {x['sensitivity']:.3f} | "
+                         f"{x['crops_sensitivity']:.3f} |")
     if r.get("pools_by_contact"):
         lines += ["", "By how much of each cell's mask its crop left to touching neighbours (the overlap the split gave "
                   "them and a gap beside it; 0: the cell touches none):", "",

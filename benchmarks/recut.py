@@ -47,8 +47,8 @@ def four_ways(model, groups: dict[str, tuple[list, list]], fields_per_group: int
             H, W = f.rgb.shape[:2]
             crops = {w: [] for w in WAYS}
             for t, c, call in found_cells(res, f.red_cells):
-                nih = np.rot90(source[t.source], t.turns)
-                mask = cell_mask(np.ascontiguousarray(nih))
+                nih = t.own_crop(source)
+                mask = cell_mask(nih)
                 (x0, y0), (h, w) = t.corner, mask.shape
                 own = np.zeros((H, W), bool)
                 own[y0:y0 + h, x0:x0 + w] = mask

@@ -645,6 +645,9 @@ def test_the_field_pool_keeps_each_found_cells_true_label_and_probability(export
     assert 0 < np.mean(pool["shared"] == 0) < 0.9
     d = load_prepared(prepared)  # each cell's patient: one of the validation split's
     assert len(pool["groups"]) == len(pool["labels"]) and set(pool["groups"]) <= {d.groups[i] for i in d.indices("val")}
+    # each found cell's own NIH crop, read by the same model: one probability per cell
+    assert len(pool["crop_probs"]) == len(pool["labels"]) and np.all((pool["crop_probs"] >= 0) & (pool["crop_probs"] <= 1))
+    assert set(pool["groups"]) <= set(pool["infected_crops"]) and min(pool["infected_crops"].values()) >= 1
 
 
 def test_sessions_count_infected_cells_in_the_share_the_detector_finds_them():
@@ -657,6 +660,30 @@ def test_sessions_count_infected_cells_in_the_share_the_detector_finds_them():
     row = simulate_sessions({0.1: pool}, FieldOptions(0.5, perfect), sessions=50)[0]
     counted = 100 * 0.05 / (0.05 + 0.9)  # of a smear at 10%: 5 infected counted per 90 uninfected
     assert row["bias_pp"] == pytest.approx(counted - 10, abs=0.3)
+
+
+def test_sessions_read_from_the_cells_own_crops_tell_the_re_cuts_bias_apart():
+    from benchmarks.fields import simulate_sessions
+    from edge.field import FieldOptions
+    # field mode misses half the infected cells; their own crops are all read right
+    y = np.array([1] * 100 + [0] * 900)
+    pool = {"labels": y, "probs": np.array([1.0] * 50 + [0.0] * 950), "crop_probs": y.astype(float),
+            "counted_infected": 1.0, "counted_uninfected": 1.0, "fields": 1, "recall": 1.0, "precision": 1.0}
+    perfect = {"tp": 1000, "fn": 0, "tn": 1000, "fp": 0}
+    row = simulate_sessions({0.1: pool}, FieldOptions(0.5, perfect), sessions=50)[0]
+    assert row["crops_bias_pp"] == pytest.approx(0, abs=0.3) and row["bias_pp"] == pytest.approx(-5, abs=0.3)
+    assert row["pool"]["crops"]["sensitivity"] == 1.0 and row["pool"]["sensitivity"] == 0.5
+
+
+def test_a_pool_by_patient_gives_each_groups_infected_crops_and_both_sensitivities():
+    from benchmarks.fields import pool_by_patient
+    pool = {"labels": np.array([1, 1, 0, 1, 1, 1]), "groups": np.array(["A", "A", "A", "B", "B", "B"]),
+            "probs": np.array([0.9, 0.1, 0.9, 0.9, 0.9, 0.9]), "crop_probs": np.array([0.9, 0.9, 0.1, 0.1, 0.9, 0.9]),
+            "infected_crops": {"A": 2, "B": 40}}
+    rows = pool_by_patient(pool, 0.5)
+    assert [(r["group"], r["infected_crops"], r["infected"]) for r in rows] == [("A", 2, 2), ("B", 40, 3)]
+    assert (rows[0]["sensitivity"], rows[0]["crops_sensitivity"]) == (0.5, 1.0)
+    assert rows[1]["sensitivity"] == 1.0 and rows[1]["crops_sensitivity"] == pytest.approx(2 / 3)
 
 
 def _two_patient_pool(hits_a: int, hits_b: int) -> dict:

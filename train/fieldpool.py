@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.field import FieldOptions, FieldResult, analyze
+from edge.field import FieldOptions, FieldResult, analyze, classify_crops
 from train.fieldscore import GTPoint, contains, score
 from train.synthetic import SynthParams, load_crops, make_field
 
@@ -52,10 +52,15 @@ def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, spli
                log=print) -> dict:
     """(true label, P(Parasitized), share of its mask left to touching neighbours, patient group) of every
     found cell of synthetic fields from one split's infected patients, made under the imaging conditions in
-    turn, with detection recall and precision and the share of each class's cells counted."""
-    labels, probs, shared, groups, n_gt, n_found, n_det, n_correct, k = [], [], [], [], 0, 0, 0, 0, 0
+    turn, with detection recall and precision and the share of each class's cells counted. Each found cell's
+    own NIH crop is classified by the same rule too (`crop_probs`): what the cell would read without field
+    mode's re-cut, so that a bias can be told apart into the crops' and the re-cut's."""
+    labels, probs, crop_probs, shared, groups, n_gt, n_found, n_det, n_correct, k = [], [], [], [], [], 0, 0, 0, 0, 0
     gt_infected = gt_uninfected = 0
+    infected_crops = {}
     for g, (pos, neg) in sorted(patient_crops(data_dir, crops_root, split).items()):
+        source = dict(pos + neg)
+        infected_crops[g] = len(pos)
         for j in range(fields_per_group):
             v = k % len(VARIANTS)
             f = make_field(pos, neg, SynthParams(parasitemia=parasitemia, seed=seed + k, **VARIANTS[v]))
@@ -66,11 +71,13 @@ def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, spli
             n_gt, n_found, n_det, n_correct = n_gt + s.gt, n_found + s.found, n_det + s.detections, n_correct + s.correct
             inf = sum(t.label == "Parasitized" for t in f.red_cells)
             gt_infected, gt_uninfected = gt_infected + inf, gt_uninfected + len(f.red_cells) - inf
-            for t, cell, call in found_cells(res, f.red_cells):
+            found = found_cells(res, f.red_cells)
+            for t, cell, call in found:
                 labels.append(int(t.label == "Parasitized"))
                 probs.append(call.prob_parasitized)
                 shared.append(cell.shared)
                 groups.append(g)
+            crop_probs.extend(classify_crops([t.own_crop(source) for t, _, _ in found], model, opts.batch, opts.screen))
     y = np.array(labels)
     log(f"  {split} field pool: {k} fields, detection recall {n_found / max(n_gt, 1):.4f}, "
         f"{len(y)} cells ({int(y.sum())} infected)")
@@ -80,4 +87,5 @@ def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, spli
             # detector leaves out more often is under-counted before any classifier error
             "counted_infected": int(y.sum()) / max(gt_infected, 1),
             "counted_uninfected": int(len(y) - y.sum()) / max(gt_uninfected, 1),
-            "shared": np.array(shared, float), "groups": np.array(groups)}
+            "shared": np.array(shared, float), "groups": np.array(groups), "crop_probs": np.array(crop_probs, float),
+            "infected_crops": infected_crops}  # patient group -> its infected crops the fields draw from

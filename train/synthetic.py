@@ -47,6 +47,10 @@ class Truth:
     corner: tuple[int, int] = (0, 0)
     turns: int = 0
 
+    def own_crop(self, crops: dict) -> np.ndarray:
+        """The NIH crop this cell was laid from, turned as it was laid; crops: name -> RGB crop."""
+        return np.ascontiguousarray(np.rot90(crops[self.source], self.turns))
+
 
 @dataclass
 class SynthField:
