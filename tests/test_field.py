@@ -11,6 +11,7 @@ from edge.detect import DetectParams, crop, detect
 from edge.field import FieldOptions, QualityParams, analyze, quality
 from edge.images import load_image
 from edge.metrics import operating_points, threshold_for_specificity
+from edge.operating import field_point, operating_point
 from edge.parasitemia import estimate
 from edge.runtime import load_classifier
 from tests.conftest import DEV_MANIFEST, ROOT, browser, needs_browser, run
@@ -733,6 +734,21 @@ def test_pools_split_by_contact_put_each_cell_in_one_bin():
     assert rows[0]["sensitivity"] == 1.0 and rows[0]["specificity"] == 1.0  # the two cells touching none
     assert rows[1]["sensitivity"] == 0.5 and rows[1]["specificity"] is None  # 0.03 and 0.05 (its upper edge)
     assert rows[3]["specificity"] == 0.0 and rows[3]["infected"] == 0
+
+
+def test_the_real_photo_shrunk_and_recoloured_is_scored_against_its_scaled_annotation():
+    from benchmarks.fields import real_fields_shifted
+    m = load_classifier(FIELD_MODEL)
+    opts = FieldOptions.at(operating_point(m, field_point(m)))
+    rows = real_fields_shifted([(FIELD, FIELD_GT)], m, opts, shrink=(0.3,), recolour=(("hue +20", dict(hue=20)),),
+                               log=lambda *_: None)
+    assert [r["condition"] for r in rows] == ["x0.3 size", "hue +20"]
+    small, hue = rows
+    assert small["image"] == "896x1594" and hue["image"] == "1494x2656"  # the photo is 2988x5312 as displayed
+    # its cells are ~113 px across as taken: the detector measures the shrunk ones, and still finds them
+    assert 0.3 * 113 * 0.85 < small["diameter_px"] < 0.3 * 113 * 1.15
+    assert small["fields_counted"] == hue["fields_counted"] == 1
+    assert small["recall"] > 0.95 and hue["recall"] > 0.95 and small["precision"] > 0.9
 
 
 def test_every_model_check_classifies_the_same_real_crops_with_each_model():
