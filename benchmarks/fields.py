@@ -240,6 +240,47 @@ def simulate_sessions(pools: dict[float, dict], opts: FieldOptions, sessions: in
     return rows
 
 
+def single_patient_sessions(pools: dict[float, dict], opts: FieldOptions, sessions: int = 50, n_cells: int = 2000,
+                            min_infected: int = 10, seed: int = 0) -> list[dict]:
+    """Sessions of one patient each, as a smear is: all 2,000 cells drawn from one patient group's found
+    cells (with replacement, in the share the detector counts each class), for each group with at least
+    `min_infected` infected cells in the pool. The mixed sessions above average the patients' rates
+    within a session; these ask whether the interval also covers one patient whose rates stray, which
+    is what its between-patient spread is for."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for pi, pool in pools.items():
+        y, call, g = pool["labels"], pool["probs"] >= opts.threshold, pool["groups"]
+        a, b = pool["counted_infected"], pool["counted_uninfected"]
+        share = pi * a / (pi * a + (1 - pi) * b)
+        per, cover_all = [], []
+        for name in sorted(set(g.tolist())):
+            pos, neg = call[(g == name) & (y == 1)], call[(g == name) & (y == 0)]
+            if len(pos) < min_infected or not len(neg):
+                continue
+            err, cover = [], []
+            for _ in range(sessions):
+                n_inf = rng.binomial(n_cells, share)
+                k = int(rng.choice(pos, n_inf).sum() + rng.choice(neg, n_cells - n_inf).sum())
+                e = estimate(k, n_cells, opts.counts, draws=4000, seed=int(rng.integers(1 << 31)),
+                             by_patient=opts.by_patient)
+                err.append(e.parasitemia_percent - 100 * pi)
+                lo, hi = e.parasitemia_ci95
+                cover.append(lo <= 100 * pi <= hi)
+            per.append({"group": name, "infected": int(len(pos)), "sensitivity": float(pos.mean()),
+                        "specificity": float(1 - neg.mean()), "bias_pp": float(np.mean(err)),
+                        "coverage_ci95": float(np.mean(cover))})
+            cover_all += cover
+        if not per:
+            continue
+        bias = [x["bias_pp"] for x in per]
+        rows.append({"parasitemia_percent": 100 * pi, "patients": len(per), "sessions_per_patient": sessions,
+                     "cells": n_cells, "coverage_ci95": float(np.mean(cover_all)),
+                     "patients_covered_under_90": sum(x["coverage_ci95"] < 0.9 for x in per),
+                     "bias_pp_min": float(min(bias)), "bias_pp_max": float(max(bias)), "per_patient": per})
+    return rows
+
+
 def bias_over_patients(pool: dict, pi: float, opts: FieldOptions, n_cells: int = 2000, boots: int = 1000,
                        seed: int = 0) -> tuple[float, float]:
     """95% interval of the corrected bias (points) when the pool's patients are drawn again (a cluster
@@ -455,6 +496,7 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
     pools = {pi: field_pool(data_dir, crops_root, model, opts, split=split, parasitemia=pi,
                             fields_per_group=fields_per_group, log=log) for pi in levels}
     res["sessions"] = simulate_sessions(pools, opts, sessions=sessions)
+    res["single_patient_sessions"] = single_patient_sessions(pools, opts)
     res["pools_by_contact"] = by_contact(pools, point.threshold)
     res["pool_by_patient"] = {"parasitemia_percent": 100 * max(levels),
                               "rows": pool_by_patient(pools[max(levels)], point.threshold)}
@@ -543,6 +585,15 @@ def markdown(r: dict) -> str:
                      f"{q['cells']} | {q['infected']} | {q['counted_infected']:.3f} / {q['counted_uninfected']:.3f} | "
                      f"{_fmt(q['sensitivity'], 3)} | {_fmt(q['specificity'], 4)} | "
                      f"{_fmt(c['sensitivity'], 3)} / {_fmt(c['specificity'], 4)} |")
+    if r.get("single_patient_sessions"):
+        lines += ["", "Sessions of one patient each (all 2,000 cells from one patient group's found cells, "
+                  "50 per group with at least 10 infected cells in the pool): does the interval cover a patient whose "
+                  "rates stray from the average?", "",
+                  "| true parasitemia | patients | coverage over all their sessions | patients covered in under 90% of their sessions | patients' mean bias, lowest to highest (pp) |",
+                  "|---:|---:|---:|---:|---|"]
+        for x in r["single_patient_sessions"]:
+            lines.append(f"| {x['parasitemia_percent']:.1f}% | {x['patients']} | {x['coverage_ci95']:.1%} | "
+                         f"{x['patients_covered_under_90']} | {x['bias_pp_min']:+.2f} to {x['bias_pp_max']:+.2f} |")
     if r.get("pool_by_patient"):
         pb = r["pool_by_patient"]
         lines += ["", f"The {pb['parasitemia_percent']:.0f}% pool by patient group: every group's fields get about as "

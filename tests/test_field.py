@@ -709,6 +709,19 @@ def test_the_bias_interval_over_patients_is_narrow_when_they_agree_and_wide_when
     assert lo == pytest.approx(-1.25, abs=0.2) and hi == pytest.approx(1.25, abs=0.2)
 
 
+def test_single_patient_sessions_show_a_patient_whose_sensitivity_strays_from_the_card():
+    from benchmarks.fields import single_patient_sessions
+    from edge.field import FieldOptions
+    opts = FieldOptions(0.5, {"tp": 800, "fn": 200, "tn": 995, "fp": 5})  # the card: Se 0.8, Sp 0.995
+    # A reads as the card says; B finds 40% of its infected cells, and the card knows no spread between patients
+    row = single_patient_sessions({0.05: _two_patient_pool(80, 40)}, opts, sessions=40)[0]
+    a, b = row["per_patient"]
+    assert (a["group"], b["group"], row["patients"]) == ("A", "B", 2)
+    assert a["coverage_ci95"] > 0.8 and b["coverage_ci95"] < 0.2 and row["patients_covered_under_90"] == 1
+    # B's 5% reads as (0.05 * 0.4 + 0.95 * 0.005 - 0.005) / 0.795 = 2.5%
+    assert row["bias_pp_min"] == pytest.approx(-2.5, abs=0.4) and row["bias_pp_max"] == pytest.approx(0, abs=0.4)
+
+
 def test_imaging_conditions_are_compared_on_the_same_cells(exported, prepared):
     from benchmarks.fields import conditions_paired
     from tests.conftest import CELLS
