@@ -68,7 +68,7 @@ def real_fields(root: Path, model, opts: FieldOptions, log=print, crops: list | 
                     else {k: tot_core[k] + v for k, v in s_core.__dict__.items()})
         log(f"  {img.name}: recall {s.recall:.4f}, precision {s.precision:.4f} ({s_core.precision:.4f} whole cells), "
             f"{res.positive}/{res.rbc} positive, {row['seconds']}")
-    e = estimate(session_pos, session_n, opts.counts, by_patient=opts.by_patient)
+    e = estimate(session_pos, session_n, opts.counts, by_patient=opts.by_patient, spread=opts.spread)
     return {"fields": out, "gt": tot["gt"], "found": tot["found"], "recall": tot["found"] / tot["gt"],
             "detections": tot["detections"], "precision": tot["correct"] / tot["detections"],
             "precision_whole_cells": tot_core["correct"] / tot_core["detections"],
@@ -219,7 +219,7 @@ def simulate_sessions(pools: dict[float, dict], opts: FieldOptions, sessions: in
             mc_seed = int(rng.integers(1 << 31))
             for k, probs in readings.items():
                 e = estimate(int((probs[cells] >= opts.threshold).sum()), n_cells, opts.counts, draws=4000,
-                             seed=mc_seed, by_patient=opts.by_patient)
+                             seed=mc_seed, by_patient=opts.by_patient, spread=opts.spread)
                 err[k].append(e.parasitemia_percent - 100 * pi)
                 raw_err[k].append(e.raw_percent - 100 * pi)
                 lo, hi = e.parasitemia_ci95
@@ -263,7 +263,7 @@ def single_patient_sessions(pools: dict[float, dict], opts: FieldOptions, sessio
                 n_inf = rng.binomial(n_cells, share)
                 k = int(rng.choice(pos, n_inf).sum() + rng.choice(neg, n_cells - n_inf).sum())
                 e = estimate(k, n_cells, opts.counts, draws=4000, seed=int(rng.integers(1 << 31)),
-                             by_patient=opts.by_patient)
+                             by_patient=opts.by_patient, spread=opts.spread)
                 err.append(e.parasitemia_percent - 100 * pi)
                 lo, hi = e.parasitemia_ci95
                 cover.append(lo <= 100 * pi <= hi)

@@ -57,10 +57,12 @@ class FieldOptions:
     quality: QualityParams = QualityParams()
     screen: Screen | None = None  # a screened operating point's fast first model
     by_patient: tuple = ()  # the counts per validation patient: the interval carries their spread
+    spread: tuple[float, float] = (0.0, 0.0)  # the least between-patient variance of (Se, Sp): field mode's
 
     @classmethod
     def at(cls, point: OperatingPoint, **kw) -> "FieldOptions":
-        return cls(point.threshold, point.counts, point.name, screen=point.screen, by_patient=point.by_patient, **kw)
+        return cls(point.threshold, point.counts, point.name, screen=point.screen, by_patient=point.by_patient,
+                   spread=point.spread, **kw)
 
 
 @dataclass
@@ -242,11 +244,13 @@ class Session:
         return self.rbc >= self.opts.target_cells
 
     def estimate(self) -> Estimate:
-        return estimate(self.positive, self.rbc, self.opts.counts, self.opts.rbc_per_ul, by_patient=self.opts.by_patient)
+        return estimate(self.positive, self.rbc, self.opts.counts, self.opts.rbc_per_ul, by_patient=self.opts.by_patient,
+                        spread=self.opts.spread)
 
     def confirmed_table(self) -> list[tuple[float, float, float]]:
         """The parasitemia for each number of this session's positive calls a reviewer may confirm."""
-        return confirmed_table(self.positive, self.rbc, self.opts.counts, self.opts.by_patient) if self.rbc else []
+        return (confirmed_table(self.positive, self.rbc, self.opts.counts, self.opts.by_patient, spread=self.opts.spread)
+                if self.rbc else [])
 
     def summary(self, model: Loaded) -> dict:
         e = self.estimate()

@@ -36,6 +36,9 @@ class OperatingPoint:
     counts: dict  # validation confusion counts {tp, fn, tn, fp} of the whole rule
     screen: Screen | None = None
     by_patient: tuple = ()  # the same counts per validation patient, where the card has them
+    # the least between-patient variance of (Se, Sp) the interval draws with: field mode's, measured on
+    # synthetic fields of the validation patients (`malaria-edge evaluate --field-spread`), where the card has it
+    spread: tuple[float, float] = (0.0, 0.0)
 
 
 def field_point(model: Loaded) -> str:
@@ -59,8 +62,13 @@ def operating_point(model: Loaded, name: str, threads: int | None = None) -> Ope
     except ValueError:
         raise ModelError(f"{model.path.name}: the '{name}' point's per-patient counts do not add up to its counts; "
                          f"re-run: malaria-edge evaluate {model.path} --operating-points --update-card") from None
+    fs = op.get("field_spread") or {}
+    spread = (float(fs.get("sensitivity_var", 0.0)), float(fs.get("specificity_var", 0.0)))
+    if not all(0 <= v < 0.25 for v in spread):  # a rate's variance is at most 0.25
+        raise ModelError(f"{model.path.name}: the '{name}' point's field_spread {spread} is not a pair of variances "
+                         f"of rates; re-run: malaria-edge evaluate {model.path} --field-spread --update-card")
     return OperatingPoint(name, thr, dict(op["counts"]), load_screen(model, spec, thr, threads) if spec else None,
-                          by_patient)
+                          by_patient, spread)
 
 
 def load_screen(model: Loaded, spec: dict, threshold: float, threads: int | None = None) -> Screen:

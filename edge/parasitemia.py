@@ -13,7 +13,10 @@ A smear is one patient, and the classifier's rates differ from patient to patien
 sampling of their cells explains (validation: sensitivity 0.72–0.95 among patients with ≥ 10 infected
 cells). Where the card has each validation patient's counts, the Monte Carlo draws this patient's Se
 and Sp around the pooled ones with the between-patient variance they show (beta-binomial, method of
-moments), so the interval also carries how far this patient's rates may lie from the average.
+moments), so the interval also carries how far this patient's rates may lie from the average. In field
+mode the rates differ between patients more than on their crops (the re-cut costs some patients more than
+others); where the card has that spread, measured on synthetic fields of the validation patients
+(`field_spread`), the larger of the two is drawn with.
 """
 from __future__ import annotations
 
@@ -87,12 +90,15 @@ def _patient_rates(mean_draws: np.ndarray, var: float, rng) -> np.ndarray:
 
 
 def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL, draws: int = 20_000,
-             seed: int = 0, by_patient: list[dict] | tuple = (), confirmed: bool = False) -> Estimate:
+             seed: int = 0, by_patient: list[dict] | tuple = (), confirmed: bool = False,
+             spread: tuple[float, float] = (0.0, 0.0)) -> Estimate:
     """Corrected parasitemia of `positive` calls among `n` red cells. `counts` are the operating point's
     validation confusion counts {tp, fn, tn, fp}; `by_patient`, where given, the same per validation
-    patient (they must add up to `counts`). confirmed: the positives are calls a microscopist confirmed,
-    so none is a false positive (Sp = 1) and only the infected cells the classifier missed are corrected
-    for: p = q / Se."""
+    patient (they must add up to `counts`). spread: the least between-patient variance of (Se, Sp) to
+    draw this patient's rates with (the card's `field_spread`: how far field mode's rates differ between
+    validation patients, more than their crops' do). confirmed: the positives are calls a microscopist
+    confirmed, so none is a false positive (Sp = 1) and only the infected cells the classifier missed are
+    corrected for: p = q / Se."""
     if n < 0 or not 0 <= positive <= max(n, 0):
         raise ValueError(f"need 0 <= positive <= n, got {positive} of {n}")
     tp, fn, tn, fp = (int(counts[k]) for k in COUNT_KEYS)
@@ -112,23 +118,27 @@ def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL
     q_s = rng.beta(positive + 0.5, n - positive + 0.5, draws)
     se_s = rng.beta(tp + 0.5, fn + 0.5, draws)
     sp_s = np.ones(draws) if confirmed else rng.beta(tn + 0.5, fp + 0.5, draws)
+    var_se, var_sp = spread
     if by_patient:
         check_adds_up(counts, by_patient)
         c = {k: np.array([int(b[k]) for b in by_patient]) for k in COUNT_KEYS}
-        se_s = _patient_rates(se_s, between_patient_variance(c["tp"], c["tp"] + c["fn"]), rng)
-        if not confirmed:
-            sp_s = _patient_rates(sp_s, between_patient_variance(c["tn"], c["tn"] + c["fp"]), rng)
+        var_se = max(var_se, between_patient_variance(c["tp"], c["tp"] + c["fn"]))
+        var_sp = max(var_sp, between_patient_variance(c["tn"], c["tn"] + c["fp"]))
+    se_s = _patient_rates(se_s, var_se, rng)
+    if not confirmed:
+        sp_s = _patient_rates(sp_s, var_sp, rng)
     with np.errstate(divide="ignore", invalid="ignore"):
         sims = np.clip(rogan_gladen(q_s, se_s, sp_s), 0, 1)
     sims = sims[np.isfinite(sims)]
     lo, hi = (float(v) for v in np.percentile(sims, [2.5, 97.5]))
     method = "Rogan-Gladen; 95% interval: Monte Carlo over Jeffreys posteriors of the positive share, Se and Sp"
-    if by_patient:
+    drawn = by_patient or any(spread)
+    if drawn:
         method += ", this patient's Se and Sp drawn around them with the validation patients' spread"
     if confirmed:
         method = ("confirmed calls over sensitivity, q/Se (a microscopist rejected the false positives); 95% "
                   "interval: Monte Carlo over Jeffreys posteriors of q and Se" + (", this patient's Se drawn "
-                  "with the validation patients' spread" if by_patient else ""))
+                  "with the validation patients' spread" if drawn else ""))
     if positive == 0:
         lo, hi = 0.0, min(1.0, 3.0 / (n * se))
         method = "no positive call: 0, upper bound by the rule of three over sensitivity, 3/(n*Se)"
@@ -140,12 +150,12 @@ def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL
                     rbc_per_ul, se, sp, method)
 
 
-def confirmed_table(calls: int, n: int, counts: dict, by_patient: list[dict] | tuple = (), draws: int = 10_000
-                    ) -> list[tuple[float, float, float]]:
+def confirmed_table(calls: int, n: int, counts: dict, by_patient: list[dict] | tuple = (), draws: int = 10_000,
+                    spread: tuple[float, float] = (0.0, 0.0)) -> list[tuple[float, float, float]]:
     """(percent, low, high) for 0..calls of a session's positive calls confirmed by a microscopist among its
     n red cells: what the report's review shows as the reviewer confirms or rejects each call."""
     rows = []
     for k in range(calls + 1):
-        e = estimate(k, n, counts, draws=draws, by_patient=by_patient, confirmed=True)
+        e = estimate(k, n, counts, draws=draws, by_patient=by_patient, confirmed=True, spread=spread)
         rows.append((e.parasitemia_percent, *e.parasitemia_ci95))
     return rows

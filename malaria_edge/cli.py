@@ -279,6 +279,14 @@ def label_issues_cmd(data_dir, out, folds, epochs, patience, seed):
 @click.option("--calibrate", is_flag=True,
               help="Fit temperature scaling on the validation split (the confidence shown then means what it says); "
                    "reports ECE before and after on validation and test, and a reliability diagram into --plots.")
+@click.option("--field-spread", is_flag=True,
+              help="Measure how far field mode's sensitivity and specificity differ between the validation patients "
+                   "(synthetic fields of their crops at 0.5, 2 and 5%, re-cut and classified at each operating point) "
+                   "and, with --update-card, store it in each point: field mode's interval draws a patient's rates "
+                   "with that spread where it is wider than the crops'. Needs the crops --crops points to.")
+@click.option("--crops", "crops_root", type=click.Path(path_type=Path, file_okay=False),
+              default=Path("../shared/data/nih_malaria_dev"), show_default=True,
+              help="With --field-spread: the folder `data prepare` read (the crops synthetic fields are built from).")
 @click.option("--update-card", is_flag=True,
               help="Write the chosen threshold, operating points or temperature into the model card.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write metrics JSON here.")
@@ -286,7 +294,7 @@ def label_issues_cmd(data_dir, out, folds, epochs, patience, seed):
 @click.option("--plots", type=click.Path(path_type=Path), default=None, help="Folder for confusion matrix and ROC PNGs.")
 @_fail_cleanly
 def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitivity, operating_points, screen_path,
-                 calibrate, update_card, json_path, predictions, plots):
+                 calibrate, field_spread, crops_root, update_card, json_path, predictions, plots):
     """Accuracy, precision, recall, specificity, F1, AUC, MCC with patient-bootstrap 95% CIs.
 
     MODEL_PATH is a .keras file or an exported .tflite/.onnx (run through the edge runtime).
@@ -303,6 +311,9 @@ def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitiv
         threshold = card.threshold if card else 0.5
     if screen_path and not operating_points:
         raise click.UsageError("--screen sets the counting-fast operating point: add --operating-points")
+    if field_spread:
+        _field_spread(model_path, data_dir, crops_root, update_card)
+        return
     if calibrate or operating_points:
         from train.evaluate import fit_calibration, set_operating_points, val_test_probs
         sets = val_test_probs(model_path, data_dir)
@@ -349,6 +360,37 @@ def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitiv
         card.threshold = float(threshold)
         write_card(model_path, card)
         click.echo(f"threshold written to {model_path.name}'s card")
+
+
+def _field_spread(model_path: Path, data_dir: Path, crops_root: Path, update_card: bool) -> None:
+    """Field mode's between-patient spread at each of the card's counting points, on the validation patients."""
+    from edge.card import read_card, write_card
+    from edge.field import FieldOptions
+    from edge.operating import operating_point
+    from edge.runtime import load_classifier
+    from train.fieldpool import field_pool, field_spread
+    if model_path.suffix not in (".tflite", ".onnx"):
+        raise click.UsageError(f"--field-spread {model_path}: field mode runs an exported .tflite/.onnx artifact")
+    if not crops_root.is_dir():
+        raise click.UsageError(f"--crops {crops_root}: no such folder (the crops `data prepare` read)")
+    model = load_classifier(model_path)
+    ops = model.card.operating_points or {}
+    points = [n for n in ("counting", FAST) if n in ops]
+    if not points:
+        raise click.UsageError(f"{model_path.name}: its card has no counting point; set them first with --operating-points")
+    card = read_card(model_path)  # as written, to write back with only the spreads added
+    for name in points:
+        opts = FieldOptions.at(operating_point(model, name))
+        pools = [field_pool(data_dir, crops_root, model, opts, split="val", parasitemia=pi,
+                            log=lambda m: click.echo(m, err=True)) for pi in (0.005, 0.02, 0.05)]
+        fs = field_spread(pools, opts.threshold)
+        card.operating_points[name]["field_spread"] = fs
+        click.echo(f"{name}: field mode's between-patient SD over {fs['patients']} validation patients: sensitivity "
+                   f"{fs['sensitivity_var'] ** 0.5:.3f}, specificity {fs['specificity_var'] ** 0.5:.4f} "
+                   f"({fs['infected']} infected and {fs['uninfected']} uninfected cells in {fs['fields']} fields)")
+    if update_card:
+        write_card(model_path, card)
+        click.echo(f"field spread written to {model_path.name}'s card")
 
 
 def _screened(model_path: Path, screen_path: Path, data_dir: Path, sets: dict, counting: dict) -> dict:

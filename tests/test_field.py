@@ -333,6 +333,36 @@ def test_estimator_interval_covers_a_patient_whose_sensitivity_differs_from_the_
     assert np.mean(covered_pooled) < 0.9  # the pooled rates alone claim too much
 
 
+def test_field_modes_spread_widens_the_interval_where_it_exceeds_the_crops_and_keeps_the_estimate():
+    alike = _patients([0.8] * 10)  # the crops' rates agree between patients
+    a = estimate(80, 2000, _pooled(alike), by_patient=alike)
+    b = estimate(80, 2000, _pooled(alike), by_patient=alike, spread=(0.1 ** 2, 0.0))  # field mode's SD 0.1
+    assert a.parasitemia_percent == b.parasitemia_percent
+    assert b.parasitemia_ci95[0] < a.parasitemia_ci95[0] - 0.1 and b.parasitemia_ci95[1] > a.parasitemia_ci95[1] + 0.5
+    # a spread narrower than the crops' own changes nothing
+    spread = _patients([0.65, 0.7, 0.75, 0.8, 0.8, 0.8, 0.85, 0.9, 0.95, 0.8])
+    c = estimate(80, 2000, _pooled(spread), by_patient=spread)
+    assert estimate(80, 2000, _pooled(spread), by_patient=spread, spread=(1e-6, 0.0)).parasitemia_ci95 == c.parasitemia_ci95
+
+
+def test_field_spread_is_the_patients_spread_of_field_modes_rates_beyond_sampling():
+    from train.fieldpool import field_spread
+
+    def pool(se_a, se_b, n=400):  # patients A and B, n infected and 10n uninfected each, 1% of those called
+        y = np.array(([1] * n + [0] * 10 * n) * 2)
+        p = np.zeros(len(y))
+        for k, se in enumerate((se_a, se_b)):
+            o = k * 11 * n
+            p[o:o + round(se * n)] = 1
+            p[o + n:o + n + n // 10] = 1
+        return {"labels": y, "probs": p, "groups": np.array(["A"] * 11 * n + ["B"] * 11 * n), "parasitemia": 0.05,
+                "fields": 1}
+    alike, apart = field_spread([pool(0.8, 0.8)], 0.5), field_spread([pool(0.6, 1.0)], 0.5)
+    assert alike["sensitivity_var"] == 0 and alike["specificity_var"] == 0 and alike["patients"] == 2
+    # Se 0.6 and 1.0: their variance (n - 1 = 1) is 0.08, less what 400 cells each explain, 0.8 * 0.2 / 400
+    assert apart["sensitivity_var"] == pytest.approx(0.08 - 0.0004, abs=1e-4) and apart["infected"] == 800
+
+
 def test_estimator_refuses_per_patient_counts_that_do_not_add_up():
     by_patient = _patients([0.8, 0.9])
     with pytest.raises(ValueError, match="do not add up"):

@@ -168,3 +168,31 @@ def test_a_screen_for_a_model_that_calls_nothing_positive_is_a_clear_error():
     with pytest.raises(DataError, match="no validation cell positive"):
         screened_point({"val": (ls, np.array([.5, .1]))}, {"val": (ls, np.array([.5, .1]))},
                        {"threshold": 0.9, "rule": "specificity"}, "s", "abc")
+
+
+def test_field_mode_reads_field_modes_spread_and_refuses_one_that_is_not_a_variance(tmp_path):
+    clf = Classifier.load(MNV2, mode="field")
+    fs = clf.model.card.operating_points[FAST]["field_spread"]
+    assert clf.point.spread == (fs["sensitivity_var"], fs["specificity_var"]) and fs["sensitivity_var"] > 0
+    path = _copy(tmp_path, lambda c: c["operating_points"][FAST]["field_spread"].update(sensitivity_var=0.5))
+    with pytest.raises(ModelError, match="field_spread"):
+        Classifier.load(path, mode="field")
+
+
+def test_evaluate_field_spread_measures_it_on_the_validation_patients_fields_and_writes_it(tmp_path, prepared):
+    from tests.conftest import CELLS
+    path = _copy(tmp_path, lambda c: [op.pop("field_spread", None) for op in c["operating_points"].values()])
+    res = run(["-m", "malaria_edge", "evaluate", str(path), "--field-spread", "--data", str(prepared),
+               "--crops", str(CELLS), "--update-card"])
+    assert res.returncode == 0, res.stderr
+    ops = json.loads(path.with_name(path.name + ".card.json").read_text())["operating_points"]
+    for name in ("counting", FAST):
+        fs = ops[name]["field_spread"]
+        assert fs["patients"] >= 2 and fs["infected"] > 0 and 0 <= fs["sensitivity_var"] < 0.25
+    assert "field mode's between-patient SD" in res.stdout
+
+
+def test_evaluate_field_spread_needs_an_exported_artifact(tmp_path):
+    res = run(["-m", "malaria_edge", "evaluate", str(ROOT / "models" / "mobilenetv2" / "mobilenetv2.keras"),
+               "--field-spread"])
+    assert res.returncode == 2 and "exported .tflite/.onnx" in res.stderr

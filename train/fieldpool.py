@@ -89,3 +89,22 @@ def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, spli
             "counted_uninfected": int(len(y) - y.sum()) / max(gt_uninfected, 1),
             "shared": np.array(shared, float), "groups": np.array(groups), "crop_probs": np.array(crop_probs, float),
             "infected_crops": infected_crops}  # patient group -> its infected crops the fields draw from
+
+
+def field_spread(pools: list[dict], threshold: float) -> dict:
+    """How far field mode's sensitivity and specificity differ between patients beyond the sampling of their
+    cells (beta-binomial, method of moments), from pools of synthetic fields of the validation patients,
+    each patient's cells counted over all the pools. Each patient group lays its few infected crops many
+    times, so its cells are not independent and this errs wide: the interval it feeds errs conservative."""
+    from edge.parasitemia import between_patient_variance
+    y = np.concatenate([p["labels"] for p in pools]) == 1
+    call = np.concatenate([p["probs"] for p in pools]) >= threshold
+    g = np.concatenate([p["groups"] for p in pools])
+    names = sorted(set(g.tolist()))
+    tp = np.array([np.sum(y & call & (g == n)) for n in names])
+    inf = np.array([np.sum(y & (g == n)) for n in names])
+    tn = np.array([np.sum(~y & ~call & (g == n)) for n in names])
+    unf = np.array([np.sum(~y & (g == n)) for n in names])
+    return {"sensitivity_var": between_patient_variance(tp, inf), "specificity_var": between_patient_variance(tn, unf),
+            "patients": len(names), "infected": int(inf.sum()), "uninfected": int(unf.sum()),
+            "parasitemia_levels": [p["parasitemia"] for p in pools], "fields": int(sum(p["fields"] for p in pools))}
