@@ -132,13 +132,14 @@ def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL
     sims = sims[np.isfinite(sims)]
     lo, hi = (float(v) for v in np.percentile(sims, [2.5, 97.5]))
     method = "Rogan-Gladen; 95% interval: Monte Carlo over Jeffreys posteriors of the positive share, Se and Sp"
-    drawn = by_patient or any(spread)
+    drawn = (" with the validation patients' spread" + (" in field mode" if any(spread) else "")
+             if by_patient or any(spread) else "")
     if drawn:
-        method += ", this patient's Se and Sp drawn around them with the validation patients' spread"
+        method += ", this patient's Se and Sp drawn around them" + drawn
     if confirmed:
         method = ("confirmed calls over sensitivity, q/Se (a microscopist rejected the false positives); 95% "
-                  "interval: Monte Carlo over Jeffreys posteriors of q and Se" + (", this patient's Se drawn "
-                  "with the validation patients' spread" if drawn else ""))
+                  "interval: Monte Carlo over Jeffreys posteriors of q and Se" + (", this patient's Se drawn"
+                                                                                  + drawn if drawn else ""))
     if positive == 0:
         lo, hi = 0.0, min(1.0, 3.0 / (n * se))
         method = "no positive call: 0, upper bound by the rule of three over sensitivity, 3/(n*Se)"
