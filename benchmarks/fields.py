@@ -193,13 +193,33 @@ def screen_under_shift(model, point, data_dir: Path, log=print) -> list[dict]:
     return rows
 
 
+def counted_share(pool: dict, pi: float) -> float:
+    """Of a smear at `pi`, the share of the counted cells that is infected when the detector counts a share
+    a of the infected cells and b of the uninfected: pi·a / (pi·a + (1 − pi)·b)."""
+    a, b = pool["counted_infected"], pool["counted_uninfected"]
+    return pi * a / (pi * a + (1 - pi) * b)
+
+
+def _draw(rng, pos: np.ndarray, neg: np.ndarray, share: float, n_cells: int) -> np.ndarray:
+    """One session's cells (with replacement): a binomial share of them from `pos`, the rest from `neg`."""
+    n_inf = rng.binomial(n_cells, share)
+    return np.concatenate([rng.choice(pos, n_inf), rng.choice(neg, n_cells - n_inf)])
+
+
+def _scored(positive: int, n_cells: int, pi: float, opts: FieldOptions, seed: int) -> tuple[float, float, bool, float]:
+    """A session's positive calls corrected as field mode corrects them, against the smear's true `pi`:
+    (error, raw error, whether the interval covers pi, its width), in points."""
+    e = estimate(positive, n_cells, opts.counts, draws=4000, seed=seed, by_patient=opts.by_patient, spread=opts.spread)
+    lo, hi = e.parasitemia_ci95
+    return e.parasitemia_percent - 100 * pi, e.raw_percent - 100 * pi, lo <= 100 * pi <= hi, hi - lo
+
+
 def simulate_sessions(pools: dict[float, dict], opts: FieldOptions, sessions: int = 200, n_cells: int = 2000,
                       seed: int = 0) -> list[dict]:
     """pools: true parasitemia → the field pool composed at that parasitemia. Each session draws its
     infected and uninfected cells from its own level's pool, so an uninfected cell has as many infected
     neighbours (whose parasites can reach into its crop) as it would in such a smear, and in the
-    proportion the detector counts them: of a smear at `pi`, a share pi·a / (pi·a + (1 − pi)·b) of the
-    counted cells is infected, where a and b are the shares of infected and uninfected cells counted.
+    proportion the detector counts them (`counted_share`).
     Where the pool has the cells' own NIH crops classified, the same sessions are also read from those
     (`crops_bias_pp`): the bias left when the counted cells are read from their own crops, not re-cut."""
     rng = np.random.default_rng(seed)
@@ -210,21 +230,17 @@ def simulate_sessions(pools: dict[float, dict], opts: FieldOptions, sessions: in
         if "crop_probs" in pool:
             readings["crops"] = pool["crop_probs"]
         pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-        a, b = pool["counted_infected"], pool["counted_uninfected"]
-        counted_share = pi * a / (pi * a + (1 - pi) * b)
+        share = counted_share(pool, pi)
         err, raw_err, cover, width = ({k: [] for k in readings} for _ in range(4))
         for _ in range(sessions):
-            n_inf = rng.binomial(n_cells, counted_share)
-            cells = np.concatenate([rng.choice(pos, n_inf), rng.choice(neg, n_cells - n_inf)])
+            cells = _draw(rng, pos, neg, share, n_cells)
             mc_seed = int(rng.integers(1 << 31))
             for k, probs in readings.items():
-                e = estimate(int((probs[cells] >= opts.threshold).sum()), n_cells, opts.counts, draws=4000,
-                             seed=mc_seed, by_patient=opts.by_patient, spread=opts.spread)
-                err[k].append(e.parasitemia_percent - 100 * pi)
-                raw_err[k].append(e.raw_percent - 100 * pi)
-                lo, hi = e.parasitemia_ci95
-                cover[k].append(lo <= 100 * pi <= hi)
-                width[k].append(hi - lo)
+                e, r, c, w = _scored(int((probs[cells] >= opts.threshold).sum()), n_cells, pi, opts, mc_seed)
+                err[k].append(e)
+                raw_err[k].append(r)
+                cover[k].append(c)
+                width[k].append(w)
         floor = np.abs(rng.binomial(n_cells, pi, 100_000) / n_cells - pi).mean() * 100
         e, r = err["field"], raw_err["field"]
         rows.append({"parasitemia_percent": 100 * pi, "sessions": sessions, "cells": n_cells,
@@ -251,8 +267,7 @@ def single_patient_sessions(pools: dict[float, dict], opts: FieldOptions, sessio
     rows = []
     for pi, pool in pools.items():
         y, call, g = pool["labels"], pool["probs"] >= opts.threshold, pool["groups"]
-        a, b = pool["counted_infected"], pool["counted_uninfected"]
-        share = pi * a / (pi * a + (1 - pi) * b)
+        share = counted_share(pool, pi)
         per, cover_all = [], []
         for name in sorted(set(g.tolist())):
             pos, neg = call[(g == name) & (y == 1)], call[(g == name) & (y == 0)]
@@ -260,13 +275,10 @@ def single_patient_sessions(pools: dict[float, dict], opts: FieldOptions, sessio
                 continue
             err, cover = [], []
             for _ in range(sessions):
-                n_inf = rng.binomial(n_cells, share)
-                k = int(rng.choice(pos, n_inf).sum() + rng.choice(neg, n_cells - n_inf).sum())
-                e = estimate(k, n_cells, opts.counts, draws=4000, seed=int(rng.integers(1 << 31)),
-                             by_patient=opts.by_patient, spread=opts.spread)
-                err.append(e.parasitemia_percent - 100 * pi)
-                lo, hi = e.parasitemia_ci95
-                cover.append(lo <= 100 * pi <= hi)
+                k = int(_draw(rng, pos, neg, share, n_cells).sum())
+                e, _, c, _ = _scored(k, n_cells, pi, opts, int(rng.integers(1 << 31)))
+                err.append(e)
+                cover.append(c)
             per.append({"group": name, "infected": int(len(pos)), "sensitivity": float(pos.mean()),
                         "specificity": float(1 - neg.mean()), "bias_pp": float(np.mean(err)),
                         "coverage_ci95": float(np.mean(cover))})
@@ -294,8 +306,7 @@ def bias_over_patients(pool: dict, pi: float, opts: FieldOptions, n_cells: int =
     def per_patient(m):
         return np.bincount(patient, weights=m, minlength=len(ids))
     inf, hit, unf, fpk = per_patient(y), per_patient(y & call), per_patient(~y), per_patient(~y & call)
-    a, b = pool["counted_infected"], pool["counted_uninfected"]
-    share = pi * a / (pi * a + (1 - pi) * b)
+    share = counted_share(pool, pi)
     bias = []
     for _ in range(boots):
         pick = rng.integers(len(ids), size=len(ids))
