@@ -107,7 +107,9 @@ def real_fields_shifted(photos: list[tuple[Path, Path]], model, opts: FieldOptio
             a = acc[name]
             for k in ("gt", "found", "detections", "correct"):
                 a[k] += getattr(sc, k)
-            a["rbc"], a["positive"], a["counted"] = a["rbc"] + res.rbc, a["positive"] + res.positive, a["counted"] + (res.status == "ok")
+            a["rbc"] += res.rbc
+            a["positive"] += res.positive
+            a["counted"] += res.status == "ok"
             a["diameters"].append(round(det.diameter_px, 1))
             size[name] = f"{x.shape[1]}x{x.shape[0]}"
     rows = []
