@@ -35,6 +35,10 @@ class DetectParams:
     # crop, an inverted photo's eyepiece disc, a thin strip of noise), and measuring the scale on it is slow
     min_cells_across: float = 3.0
     eyepiece_dark: float = 0.22  # pixels darker than this share of the bright field are outside the eyepiece
+    # grey levels: rows and columns at an edge that vary less than this in every channel are a frame or padding
+    # round the photo (a white one read as 37% saturated and a 518 px "cell"), left outside like the eyepiece's
+    # black; a photo's own rows vary far more (noise, vignetting), even at the rim of a field of pure background
+    flat_border: int = 6
     min_area: float = 0.30  # × median cell area: smaller regions are platelets or debris
     max_area: float = 2.6  # × median cell area: larger regions are unsplit clumps, unless round (below)
     # A region up to round_max_area × the median area is one enlarged cell, not a clump, when the largest
@@ -128,6 +132,26 @@ def _shrink(img: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
+def flat_border(rgb: np.ndarray, tol: int) -> tuple[int, int, int, int]:
+    """Rows at the top and bottom and columns at the left and right, counted inward, each of one flat colour
+    (every channel within tol): a frame or padding, not the field. Stops at the first line that varies, so a
+    photo without a frame costs four line checks."""
+    def flat(line: np.ndarray) -> bool:
+        return bool(np.all(line.max(axis=0).astype(np.int16) - line.min(axis=0) <= tol))
+
+    H, W = rgb.shape[:2]
+    top = next((i for i in range(H) if not flat(rgb[i])), H)
+    if top == H:
+        return H, 0, 0, 0
+    bottom = next(i for i in range(H - top) if not flat(rgb[H - 1 - i]))
+    inner = rgb[top:H - bottom]
+    left = next((j for j in range(W) if not flat(inner[:, j])), W)
+    if left == W:  # every column flat (stripes)
+        return top, bottom, W, 0
+    right = next(j for j in range(W - left) if not flat(inner[:, W - 1 - j]))
+    return top, bottom, left, right
+
+
 def eyepiece_mask(rgb: np.ndarray, p: DetectParams) -> np.ndarray:
     """The bright field of view: everything not dark, as one filled region (the whole image if no disc)."""
     v = cv2.max(cv2.max(rgb[..., 0], rgb[..., 1]), rgb[..., 2])  # NumPy's max over a 3-long axis is 10× slower
@@ -218,6 +242,15 @@ def detect(rgb: np.ndarray, params: DetectParams = DetectParams()) -> Detection:
     """Every cell region in an RGB field, with full-resolution boxes and masks."""
     p = params
     H, W = rgb.shape[:2]
+    top, bottom, left, right = flat_border(rgb, p.flat_border)
+    if top == H or left == W:
+        return Detection([], 0.0, 1.0, work=rgb,
+                         note="no cells found (every row or column of the image is one flat colour)")
+    sides = ([rgb[0, 0]] * (top > 0) + [rgb[-1, 0]] * (bottom > 0) + [rgb[top, 0]] * (left > 0)
+             + [rgb[top, -1]] * (right > 0))
+    if any(int(c.max()) > p.eyepiece_dark * 255 for c in sides):  # a bright frame: black, as outside an eyepiece
+        framed, rgb = rgb, np.zeros_like(rgb)
+        rgb[top:H - bottom, left:W - right] = framed[top:H - bottom, left:W - right]
     diameter = p.cell_diameter
     if diameter is None:
         diameter, d = _preview_diameter(rgb, p.preview_side, p)

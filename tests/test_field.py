@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.detect import DetectParams, crop, detect
+from edge.detect import DetectParams, crop, detect, flat_border
 from edge.field import FieldOptions, QualityParams, analyze, quality
 from edge.images import load_image
 from edge.metrics import operating_points, threshold_for_specificity
@@ -417,6 +417,27 @@ def test_quality_gate_rejects_an_overexposed_field_and_says_how_much_is_saturate
     saturated = (det.work >= 250).all(axis=2)[det.eyepiece].mean()  # every channel at the top, inside the disc
     assert reason.startswith("overexposed") and m["clipped"] == pytest.approx(saturated, abs=1e-4) and saturated > 0.25
     assert quality(small, detect(small), QualityParams())[1]["clipped"] < 0.01
+
+
+def test_flat_border_counts_the_lines_of_one_colour_at_each_edge():
+    inner = np.random.default_rng(0).integers(100, 200, (40, 60, 3)).astype(np.uint8)
+    framed = cv2.copyMakeBorder(inner, 3, 5, 7, 2, cv2.BORDER_CONSTANT, value=(250, 251, 249))
+    assert flat_border(framed, 6) == (3, 5, 7, 2)
+    assert flat_border(inner, 6) == (0, 0, 0, 0)
+    stripes = np.repeat(inner[:1], 40, axis=0)  # every column one colour
+    assert flat_border(stripes, 6)[2] == 60
+
+
+@pytest.mark.parametrize("colour", [(255, 255, 255), (240, 240, 240)], ids=["white", "light grey"])
+def test_a_frame_round_the_photo_is_left_outside_and_the_field_counted_as_without_it(real_field, colour):
+    # a white frame read as 37% saturated ("overexposed") and made the photo one 518 px "cell"
+    small = np.ascontiguousarray(real_field[::2, ::2])
+    framed = cv2.copyMakeBorder(small, 180, 180, 320, 320, cv2.BORDER_CONSTANT, value=colour)
+    plain, det = detect(small), detect(framed)
+    reason, m = quality(framed, det, QualityParams())
+    assert reason == "" and m["clipped"] < 0.01
+    assert len(det.accepted) == pytest.approx(len(plain.accepted), rel=0.03)
+    assert det.diameter_px == pytest.approx(plain.diameter_px, rel=0.1)
 
 
 @pytest.mark.parametrize("rgb", [np.zeros((960, 1280, 3), np.uint8), np.full((960, 1280, 3), 230, np.uint8),
