@@ -134,8 +134,9 @@ def _shrink(img: np.ndarray, scale: float) -> np.ndarray:
 
 def flat_border(rgb: np.ndarray, tol: int) -> tuple[int, int, int, int]:
     """Rows at the top and bottom and columns at the left and right, counted inward, each of one flat colour
-    (every channel within tol): a frame or padding, not the field. Stops at the first line that varies, so a
-    photo without a frame costs four line checks."""
+    (every channel within tol) that the photo beside it is not: a frame or padding, not the field. Flat lines
+    of the field's own background colour (a noise-free or flat-field-corrected image) are field. Stops at the
+    first line that varies, so a photo without a frame costs four line checks."""
     def flat(line: np.ndarray) -> bool:
         return bool(np.all(line.max(axis=0).astype(np.int16) - line.min(axis=0) <= tol))
 
@@ -149,7 +150,11 @@ def flat_border(rgb: np.ndarray, tol: int) -> tuple[int, int, int, int]:
     if left == W:  # every column flat (stripes)
         return top, bottom, W, 0
     right = next(j for j in range(W - left) if not flat(inner[:, W - 1 - j]))
-    return top, bottom, left, right
+    # each side's first varying line, within the others' bands: the photo beside that side's flat lines
+    sides = ((top, rgb[0, 0], rgb[top, left:W - right]), (bottom, rgb[H - 1, 0], rgb[H - 1 - bottom, left:W - right]),
+             (left, inner[0, 0], inner[:, left]), (right, inner[0, W - 1], inner[:, W - 1 - right]))
+    return tuple(n if n and np.abs(np.median(beside, axis=0) - colour.astype(np.int16)).max() > 3 * tol else 0
+                 for n, colour, beside in sides)
 
 
 def eyepiece_mask(rgb: np.ndarray, p: DetectParams) -> np.ndarray:

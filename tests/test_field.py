@@ -426,6 +426,9 @@ def test_flat_border_counts_the_lines_of_one_colour_at_each_edge():
     assert flat_border(inner, 6) == (0, 0, 0, 0)
     stripes = np.repeat(inner[:1], 40, axis=0)  # every column one colour
     assert flat_border(stripes, 6)[2] == 60
+    clean = np.full((200, 300, 3), (225, 205, 215), np.uint8)  # noise-free: flat lines of its own background
+    cv2.circle(clean, (150, 100), 40, (175, 110, 145), -1)
+    assert flat_border(clean, 6) == (0, 0, 0, 0)
 
 
 @pytest.mark.parametrize("colour", [(255, 255, 255), (240, 240, 240)], ids=["white", "light grey"])
