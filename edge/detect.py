@@ -132,29 +132,48 @@ def _shrink(img: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
+def _flat_lines(lines: np.ndarray, tol: int, step: int = 16) -> int:
+    """How many leading lines (lines × pixels × channels) are each of one flat colour, a block at a time
+    after the first line alone (a photo's own first line varies: one line's cost)."""
+    first = lines[0]
+    if ((first.max(axis=0).astype(np.int16) - first.min(axis=0)) > tol).any():
+        return 0
+    for i in range(0, len(lines), step):
+        block = lines[i:i + step]
+        varies = np.flatnonzero(((block.max(axis=1).astype(np.int16) - block.min(axis=1)) > tol).any(axis=1))
+        if varies.size:
+            return i + int(varies[0])
+    return len(lines)
+
+
 def flat_border(rgb: np.ndarray, tol: int) -> tuple[int, int, int, int]:
     """Rows at the top and bottom and columns at the left and right, counted inward, each of one flat colour
     (every channel within tol) that the photo beside it is not: a frame or padding, not the field. Flat lines
     of the field's own background colour (a noise-free or flat-field-corrected image) are field. Stops at the
-    first line that varies, so a photo without a frame costs four line checks."""
-    def flat(line: np.ndarray) -> bool:
-        return bool(np.all(line.max(axis=0).astype(np.int16) - line.min(axis=0) <= tol))
-
+    first block of lines that varies, so a photo without a frame costs four small blocks."""
     H, W = rgb.shape[:2]
-    top = next((i for i in range(H) if not flat(rgb[i])), H)
+    top = _flat_lines(rgb, tol)
     if top == H:
         return H, 0, 0, 0
-    bottom = next(i for i in range(H - top) if not flat(rgb[H - 1 - i]))
+    bottom = _flat_lines(rgb[::-1], tol)
     inner = rgb[top:H - bottom]
-    left = next((j for j in range(W) if not flat(inner[:, j])), W)
+    left = _flat_lines(inner.transpose(1, 0, 2), tol)
     if left == W:  # every column flat (stripes)
         return top, bottom, W, 0
-    right = next(j for j in range(W - left) if not flat(inner[:, W - 1 - j]))
-    # each side's first varying line, within the others' bands: the photo beside that side's flat lines
-    sides = ((top, rgb[0, 0], rgb[top, left:W - right]), (bottom, rgb[H - 1, 0], rgb[H - 1 - bottom, left:W - right]),
-             (left, inner[0, 0], inner[:, left]), (right, inner[0, W - 1], inner[:, W - 1 - right]))
-    return tuple(n if n and np.abs(np.median(beside, axis=0) - colour.astype(np.int16)).max() > 3 * tol else 0
-                 for n, colour, beside in sides)
+    right = _flat_lines(inner[:, ::-1].transpose(1, 0, 2), tol)
+    # A side's flat lines are a frame when white (nothing to see in them) or of another colour than the band of
+    # b lines beside them, along the whole side (a band, not one line: a JPEG frame rings for up to 16 lines).
+    b = 64
+    sides = ((top, rgb[0, 0], rgb[top:top + b]), (bottom, rgb[H - 1, 0], rgb[max(top, H - bottom - b):H - bottom]),
+             (left, inner[0, 0], rgb[:, left:left + b]),
+             (right, inner[0, W - 1], rgb[:, max(left, W - right - b):W - right]))
+
+    def frame(n: int, colour: np.ndarray, beside: np.ndarray) -> int:
+        if n == 0 or colour.min() >= 250:
+            return n
+        return n if np.abs(np.median(beside.reshape(-1, beside.shape[-1]), axis=0) - colour).max() > 3 * tol else 0
+
+    return tuple(frame(n, colour.astype(np.int16), beside) for n, colour, beside in sides)
 
 
 def eyepiece_mask(rgb: np.ndarray, p: DetectParams) -> np.ndarray:

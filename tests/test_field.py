@@ -431,11 +431,15 @@ def test_flat_border_counts_the_lines_of_one_colour_at_each_edge():
     assert flat_border(clean, 6) == (0, 0, 0, 0)
 
 
-@pytest.mark.parametrize("colour", [(255, 255, 255), (240, 240, 240)], ids=["white", "light grey"])
-def test_a_frame_round_the_photo_is_left_outside_and_the_field_counted_as_without_it(real_field, colour):
-    # a white frame read as 37% saturated ("overexposed") and made the photo one 518 px "cell"
+@pytest.mark.parametrize("colour,jpeg", [((255, 255, 255), False), ((240, 240, 240), False), ((255, 255, 255), True)],
+                         ids=["white", "light grey", "white, saved as JPEG"])
+def test_a_frame_round_the_photo_is_left_outside_and_the_field_counted_as_without_it(real_field, colour, jpeg):
+    # a white frame read as 37% saturated ("overexposed") and made the photo one 518 px "cell"; a JPEG rings
+    # for a few lines where the frame meets the photo
     small = np.ascontiguousarray(real_field[::2, ::2])
     framed = cv2.copyMakeBorder(small, 180, 180, 320, 320, cv2.BORDER_CONSTANT, value=colour)
+    if jpeg:
+        framed = cv2.imdecode(cv2.imencode(".jpg", framed, [cv2.IMWRITE_JPEG_QUALITY, 90])[1], cv2.IMREAD_COLOR)
     plain, det = detect(small), detect(framed)
     reason, m = quality(framed, det, QualityParams())
     assert reason == "" and m["clipped"] < 0.01
