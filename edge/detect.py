@@ -162,18 +162,28 @@ def flat_border(rgb: np.ndarray, tol: int) -> tuple[int, int, int, int]:
         return top, bottom, W, 0
     right = _flat_lines(inner[:, ::-1].transpose(1, 0, 2), tol)
     # A side's flat lines are a frame when white (nothing to see in them) or of another colour than the band of
-    # b lines beside them, along the whole side (a band, not one line: a JPEG frame rings for up to 16 lines).
-    b = 64
-    sides = ((top, rgb[0, 0], rgb[top:top + b]), (bottom, rgb[H - 1, 0], rgb[max(top, H - bottom - b):H - bottom]),
-             (left, inner[0, 0], rgb[:, left:left + b]),
-             (right, inner[0, W - 1], rgb[:, max(left, W - right - b):W - right]))
+    # b lines beside them, along the whole side (a band, not one line: a JPEG frame rings where it meets the
+    # photo). The ringing lines, mostly of the frame's colour, are frame too: else cells at the photo's edge
+    # touch them, not the frame, and are counted whole.
+    b, ring = 64, 16
+    sides = ((top, rgb[0, 0], rgb[top:top + b], lambda i: rgb[i, left:W - right]),
+             (bottom, rgb[H - 1, 0], rgb[max(top, H - bottom - b):H - bottom],
+              lambda i: rgb[H - 1 - i, left:W - right]),
+             (left, inner[0, 0], rgb[:, left:left + b], lambda j: inner[:, j]),
+             (right, inner[0, W - 1], rgb[:, max(left, W - right - b):W - right], lambda j: inner[:, W - 1 - j]))
 
-    def frame(n: int, colour: np.ndarray, beside: np.ndarray) -> int:
-        if n == 0 or colour.min() >= 250:
-            return n
-        return n if np.abs(np.median(beside.reshape(-1, beside.shape[-1]), axis=0) - colour).max() > 3 * tol else 0
+    def off(a: np.ndarray, colour: np.ndarray) -> bool:  # a's median colour is not the frame's
+        return bool(np.abs(np.median(a.reshape(-1, a.shape[-1]), axis=0) - colour).max() > 3 * tol)
 
-    return tuple(frame(n, colour.astype(np.int16), beside) for n, colour, beside in sides)
+    def frame(n: int, colour: np.ndarray, beside: np.ndarray, line, limit: int) -> int:
+        if n == 0 or (colour.min() < 250 and not off(beside, colour)):
+            return 0
+        end = min(n + ring, limit)
+        return next((i for i in range(n, end) if off(line(i), colour)), end)
+
+    limits = (H - bottom, H - top, W - right, W - left)
+    return tuple(frame(n, colour.astype(np.int16), beside, line, limit)
+                 for (n, colour, beside, line), limit in zip(sides, limits))
 
 
 def eyepiece_mask(rgb: np.ndarray, p: DetectParams) -> np.ndarray:
