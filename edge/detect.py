@@ -35,9 +35,9 @@ class DetectParams:
     # crop, an inverted photo's eyepiece disc, a thin strip of noise), and measuring the scale on it is slow
     min_cells_across: float = 3.0
     eyepiece_dark: float = 0.22  # pixels darker than this share of the bright field are outside the eyepiece
-    # grey levels: rows and columns at an edge that vary less than this in every channel are a frame or padding
-    # round the photo (a white one read as 37% saturated and a 518 px "cell"), left outside like the eyepiece's
-    # black; a photo's own rows vary far more (noise, vignetting), even at the rim of a field of pure background
+    # grey levels: rows and columns at an edge that vary less than this in every channel, white or unlike the
+    # photo beside them, are a frame or padding round it (a white one read as 37% saturated and a 518 px
+    # "cell"), left outside like the eyepiece's black; a photo's own lines vary more (noise, vignetting)
     flat_border: int = 6
     min_area: float = 0.30  # × median cell area: smaller regions are platelets or debris
     max_area: float = 2.6  # × median cell area: larger regions are unsplit clumps, unless round (below)
@@ -147,10 +147,9 @@ def _flat_lines(lines: np.ndarray, tol: int, step: int = 16) -> int:
 
 
 def flat_border(rgb: np.ndarray, tol: int) -> tuple[int, int, int, int]:
-    """Rows at the top and bottom and columns at the left and right, counted inward, each of one flat colour
-    (every channel within tol) that the photo beside it is not: a frame or padding, not the field. Flat lines
-    of the field's own background colour (a noise-free or flat-field-corrected image) are field. Stops at the
-    first block of lines that varies, so a photo without a frame costs four small blocks."""
+    """The frame or padding round a photo: at each edge (top, bottom, left, right) the lines counted inward that
+    are each one flat colour (every channel within tol), white or unlike the photo beside them. Flat lines of
+    the field's own background (a noise-free image) are field. A photo without a frame costs one line a side."""
     H, W = rgb.shape[:2]
     top = _flat_lines(rgb, tol)
     if top == H:
