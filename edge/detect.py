@@ -185,8 +185,37 @@ def flat_border(rgb: np.ndarray, tol: int) -> tuple[int, int, int, int]:
                  for (n, colour, beside, line), limit in zip(sides, limits))
 
 
+def white_fill(rgb: np.ndarray, min_share: float = 0.002, min_solidity: float = 0.9) -> np.ndarray | None:
+    """White that fills a corner or side of the image (a photo turned with white fill, a white margin cut
+    at a slant): saturated regions that touch the border, over min_share of the image, and solid (their
+    pixels fill over min_solidity of their convex hull). An overexposed field's saturated background is
+    not solid: the cells are holes in it. None when there is none."""
+    low = cv2.min(cv2.min(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    white = (low >= 250).astype(np.uint8)
+    H, W = white.shape
+    if cv2.countNonZero(white) < min_share * H * W:
+        return None
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(white, connectivity=8)
+    fill = np.zeros((H, W), bool)
+    for i in range(1, n):
+        x, y, w, h, area = stats[i]
+        if area < min_share * H * W or not (x == 0 or y == 0 or x + w == W or y + h == H):
+            continue
+        pts = cv2.findNonZero((lab[y:y + h, x:x + w] == i).astype(np.uint8))
+        if area >= min_solidity * max(1.0, cv2.contourArea(cv2.convexHull(pts))):
+            fill[lab == i] = True
+    return fill if fill.any() else None
+
+
 def eyepiece_mask(rgb: np.ndarray, p: DetectParams) -> np.ndarray:
-    """The bright field of view: everything not dark, as one filled region (the whole image if no disc)."""
+    """The bright field of view: everything not dark, as one filled region (the whole image if no disc),
+    less any white fill at the image's border."""
+    fill = white_fill(rgb)
+    field = _disc(rgb, p)
+    return field if fill is None else field & ~fill
+
+
+def _disc(rgb: np.ndarray, p: DetectParams) -> np.ndarray:
     v = cv2.max(cv2.max(rgb[..., 0], rgb[..., 1]), rgb[..., 2])  # NumPy's max over a 3-long axis is 10× slower
     bright = _percentile_u8(v, 95)
     inside = (v > p.eyepiece_dark * bright).astype(np.uint8)
