@@ -39,6 +39,11 @@ class DetectParams:
     # photo beside them, are a frame or padding round it (a white one read as 37% saturated and a 518 px
     # "cell"), left outside like the eyepiece's black; a photo's own lines vary more (noise, vignetting)
     flat_border: int = 6
+    # white fill at the border (a photo turned with white corners): saturated regions touching the border, over
+    # white_fill_share and under half of the image, filling over white_fill_solid of their convex hull. An
+    # overexposed field's saturated background is not solid (the cells are holes in it) and stays field
+    white_fill_share: float = 0.002
+    white_fill_solid: float = 0.9
     min_area: float = 0.30  # × median cell area: smaller regions are platelets or debris
     max_area: float = 2.6  # × median cell area: larger regions are unsplit clumps, unless round (below)
     # A region up to round_max_area × the median area is one enlarged cell, not a clump, when the largest
@@ -185,24 +190,22 @@ def flat_border(rgb: np.ndarray, tol: int) -> tuple[int, int, int, int]:
                  for (n, colour, beside, line), limit in zip(sides, limits))
 
 
-def white_fill(rgb: np.ndarray, min_share: float = 0.002, min_solidity: float = 0.9) -> np.ndarray | None:
-    """White that fills a corner or side of the image (a photo turned with white fill, a white margin cut
-    at a slant): saturated regions that touch the border, over min_share of the image, and solid (their
-    pixels fill over min_solidity of their convex hull). An overexposed field's saturated background is
-    not solid: the cells are holes in it. None when there is none."""
+def white_fill(rgb: np.ndarray, p: DetectParams) -> np.ndarray | None:
+    """White that fills a corner or side of the image (a photo turned with white fill, a white margin cut at
+    a slant), as DetectParams.white_fill_* define it; None when there is none."""
     low = cv2.min(cv2.min(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
     white = (low >= 250).astype(np.uint8)
     H, W = white.shape
-    if cv2.countNonZero(white) < min_share * H * W:
+    if cv2.countNonZero(white) < p.white_fill_share * H * W:
         return None
     n, lab, stats, _ = cv2.connectedComponentsWithStats(white, connectivity=8)
     fill = np.zeros((H, W), bool)
     for i in range(1, n):
         x, y, w, h, area = stats[i]
-        if area < min_share * H * W or not (x == 0 or y == 0 or x + w == W or y + h == H):
+        if not p.white_fill_share * H * W <= area <= 0.5 * H * W or not (x == 0 or y == 0 or x + w == W or y + h == H):
             continue
         pts = cv2.findNonZero((lab[y:y + h, x:x + w] == i).astype(np.uint8))
-        if area >= min_solidity * max(1.0, cv2.contourArea(cv2.convexHull(pts))):
+        if area >= p.white_fill_solid * max(1.0, cv2.contourArea(cv2.convexHull(pts))):
             fill[lab == i] = True
     return fill if fill.any() else None
 
@@ -210,7 +213,7 @@ def white_fill(rgb: np.ndarray, min_share: float = 0.002, min_solidity: float = 
 def eyepiece_mask(rgb: np.ndarray, p: DetectParams) -> np.ndarray:
     """The bright field of view: everything not dark, as one filled region (the whole image if no disc),
     less any white fill at the image's border."""
-    fill = white_fill(rgb)
+    fill = white_fill(rgb, p)
     field = _disc(rgb, p)
     return field if fill is None else field & ~fill
 
