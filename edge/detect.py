@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+SATURATED = 250  # grey level: a pixel at or over it in every channel is clipped white, nothing to see in it
+
 
 @dataclass(frozen=True)
 class DetectParams:
@@ -180,7 +182,7 @@ def flat_border(rgb: np.ndarray, tol: int) -> tuple[int, int, int, int]:
         return bool(np.abs(np.median(a.reshape(-1, a.shape[-1]), axis=0) - colour).max() > 3 * tol)
 
     def frame(n: int, colour: np.ndarray, beside: np.ndarray, line, limit: int) -> int:
-        if n == 0 or (colour.min() < 250 and not off(beside, colour)):
+        if n == 0 or (colour.min() < SATURATED and not off(beside, colour)):
             return 0
         end = min(n + ring, limit)
         return next((i for i in range(n, end) if off(line(i), colour)), end)
@@ -194,7 +196,7 @@ def white_fill(rgb: np.ndarray, p: DetectParams) -> np.ndarray | None:
     """White that fills a corner or side of the image (a photo turned with white fill, a white margin cut at
     a slant), as DetectParams.white_fill_* define it; None when there is none."""
     low = cv2.min(cv2.min(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
-    white = (low >= 250).astype(np.uint8)
+    white = (low >= SATURATED).astype(np.uint8)
     H, W = white.shape
     if cv2.countNonZero(white) < p.white_fill_share * H * W:
         return None

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from edge.card import label_of
-from edge.detect import Detection, DetectParams, crop, detect
+from edge.detect import SATURATED, Detection, DetectParams, crop, detect
 from edge.images import GREY_CHROMA, stain_colour
 from edge.parasitemia import RBC_PER_UL, Estimate, confirmed_table, estimate
 from edge.preprocess import resize_rgb
@@ -143,7 +143,7 @@ def quality(rgb: np.ndarray, det: Detection, q: QualityParams) -> tuple[str, dic
     sharp = focus(rgb, det, q)
     n_inside = int(np.count_nonzero(inside))
     low = np.minimum(np.minimum(work[..., 0], work[..., 1]), work[..., 2])  # .min(axis) on 3 channels: 50× slower
-    clipped = float(np.count_nonzero((low >= 250) & inside)) / n_inside if n_inside else 0.0
+    clipped = float(np.count_nonzero((low >= SATURATED) & inside)) / n_inside if n_inside else 0.0
     colour = stain_colour(work, inside)
     ok = det.accepted
     area = sum(c.area_px for c in ok) * det.scale ** 2

@@ -89,6 +89,14 @@ def _patient_rates(mean_draws: np.ndarray, var: float, rng) -> np.ndarray:
     return rng.beta(m * k, (1 - m) * k)
 
 
+def patient_variances(by_patient: list[dict] | tuple) -> tuple[float, float]:
+    """Between-patient variance of (Se, Sp) beyond the sampling of each patient's cells, from each patient's
+    confusion counts {tp, fn, tn, fp}."""
+    c = {k: np.array([int(b[k]) for b in by_patient]) for k in COUNT_KEYS}
+    return (between_patient_variance(c["tp"], c["tp"] + c["fn"]),
+            between_patient_variance(c["tn"], c["tn"] + c["fp"]))
+
+
 def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL, draws: int = 20_000,
              seed: int = 0, by_patient: list[dict] | tuple = (), confirmed: bool = False,
              spread: tuple[float, float] = (0.0, 0.0)) -> Estimate:
@@ -121,9 +129,7 @@ def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL
     var_se, var_sp = spread
     if by_patient:
         check_adds_up(counts, by_patient)
-        c = {k: np.array([int(b[k]) for b in by_patient]) for k in COUNT_KEYS}
-        var_se = max(var_se, between_patient_variance(c["tp"], c["tp"] + c["fn"]))
-        var_sp = max(var_sp, between_patient_variance(c["tn"], c["tn"] + c["fp"]))
+        var_se, var_sp = (max(a, b) for a, b in zip(spread, patient_variances(by_patient)))
     se_s = _patient_rates(se_s, var_se, rng)
     if not confirmed:
         sp_s = _patient_rates(sp_s, var_sp, rng)

@@ -96,15 +96,13 @@ def field_spread(pools: list[dict], threshold: float) -> dict:
     cells (beta-binomial, method of moments), from pools of synthetic fields of the validation patients,
     each patient's cells counted over all the pools. Each patient group lays its few infected crops many
     times, so its cells are not independent and this errs wide: the interval it feeds errs conservative."""
-    from edge.parasitemia import between_patient_variance
-    y = np.concatenate([p["labels"] for p in pools]) == 1
-    call = np.concatenate([p["probs"] for p in pools]) >= threshold
-    g = np.concatenate([p["groups"] for p in pools])
-    names = sorted(set(g.tolist()))
-    tp = np.array([np.sum(y & call & (g == n)) for n in names])
-    inf = np.array([np.sum(y & (g == n)) for n in names])
-    tn = np.array([np.sum(~y & ~call & (g == n)) for n in names])
-    unf = np.array([np.sum(~y & (g == n)) for n in names])
-    return {"sensitivity_var": between_patient_variance(tp, inf), "specificity_var": between_patient_variance(tn, unf),
-            "patients": len(names), "infected": int(inf.sum()), "uninfected": int(unf.sum()),
+    from edge.metrics import operating_point
+    from edge.parasitemia import patient_variances
+    by_patient = operating_point(np.concatenate([p["labels"] for p in pools]),
+                                 np.concatenate([p["probs"] for p in pools]), threshold,
+                                 groups=np.concatenate([p["groups"] for p in pools]))["counts_by_patient"]
+    var_se, var_sp = patient_variances(by_patient)
+    return {"sensitivity_var": var_se, "specificity_var": var_sp, "patients": len(by_patient),
+            "infected": sum(b["tp"] + b["fn"] for b in by_patient),
+            "uninfected": sum(b["tn"] + b["fp"] for b in by_patient),
             "parasitemia_levels": [p["parasitemia"] for p in pools], "fields": int(sum(p["fields"] for p in pools))}
