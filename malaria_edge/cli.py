@@ -190,7 +190,8 @@ def _switches(ctx, param, value):
               help="Share of training crops made to look like field mode's (mask a few px off, a platelet stuck "
                    "to the rim, a slice of a neighbour).")
 @click.option("--augment", default=None, metavar="SWITCHES", callback=_switches,
-              help="Extra augmentation, comma-separated: stain (colour jitter, gamma), blur (defocus), noise, "
+              help="Extra augmentation, comma-separated: stain (colour jitter, gamma), stain-wide "
+                   "(the same, wider), blur (defocus), noise, "
                    "scale (a cell seen with 40-128 px); each measured on validation before it is kept.")
 @click.option("--exclude", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="CSV with a relpath column (e.g. label-issues' issues.csv): training images to leave out. "

@@ -383,3 +383,13 @@ def test_stain_matrix_keeps_grey_and_turns_only_the_chroma():
     pink = np.array([200.0, 120.0, 160.0])
     assert np.allclose(ident @ pink, pink, atol=0.05) and np.allclose(turned @ pink, pink, atol=0.05)
     assert np.allclose(grey @ pink, 0.299 * 200 + 0.587 * 120 + 0.114 * 160, atol=0.5)  # luma, as a grey
+
+
+def test_stain_wide_spreads_stain_colours_further_than_stain_and_keeps_the_background_black():
+    from train.augment import Augmenter
+    x = np.zeros((400, 4, 4, 3), np.float32)
+    x[:, :2] = [200.0, 120.0, 160.0]  # a pink cell above, the masked-out background below
+    out = {k: Augmenter((k,))(x, np.random.default_rng(0)) for k in ("stain", "stain-wide")}
+    spread = {k: v[:, 0, 0].std(axis=0).sum() for k, v in out.items()}
+    assert spread["stain-wide"] > 1.2 * spread["stain"]
+    assert all(np.all(v[:, 2:] == 0) for v in out.values())

@@ -7,6 +7,8 @@ layers (colour jitter, Gaussian blur) they ran as eager ops under JAX and made a
 Each switch is measured on validation before it is kept (README, *Augmentation study*):
 - `stain`: Giemsa colour varies between slides and labs: per crop a hue turn of up to ±18°, saturation
   ×0.6–1.5 (the chroma turned and scaled about the grey axis in YIQ) and gamma 0.7–1.4;
+- `stain-wide`: the same, wider (hue ±25°, saturation ×0.45–1.7, gamma 0.6–1.6), so that a paler
+  stain than the reference slides is inside the range rather than at its edge;
 - `blur`: defocus, a Gaussian blur of sigma 0.1–1.5 px on half the crops;
 - `noise`: sensor noise, Gaussian with sigma 4 grey levels;
 - `scale`: a cell seen with fewer pixels (40–128 px across before the resize to the model's input):
@@ -17,7 +19,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-SWITCHES = ("stain", "blur", "noise", "scale")
+SWITCHES = ("stain", "stain-wide", "blur", "noise", "scale")
+# hue (±degrees), saturation (low, high), gamma (low, high)
+STAIN_RANGES = {"stain": (18.0, (0.6, 1.5), (0.7, 1.4)), "stain-wide": (25.0, (0.45, 1.7), (0.6, 1.6))}
 _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
 _RGB = np.linalg.inv(_YIQ).astype(np.float32)
 
@@ -50,10 +54,12 @@ class Augmenter:
     def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n, h, w, _ = x.shape
         t = np.asarray(x, np.float32)
-        if "stain" in self.names:
-            gamma = np.exp(rng.uniform(np.log(0.7), np.log(1.4), (n, 1, 1, 1))).astype(np.float32)
+        stain = [STAIN_RANGES[k] for k in STAIN_RANGES if k in self.names]
+        if stain:
+            hue, sat, gam = max(stain)  # the wider range, if both are asked for
+            gamma = np.exp(rng.uniform(*np.log(gam), (n, 1, 1, 1))).astype(np.float32)
             t = 255.0 * np.power(np.clip(t / 255.0, 0.0, 1.0), gamma)
-            m = stain_matrices(rng.uniform(-18, 18, n), np.exp(rng.uniform(np.log(0.6), np.log(1.5), n)))
+            m = stain_matrices(rng.uniform(-hue, hue, n), np.exp(rng.uniform(*np.log(sat), n)))
             t = np.einsum("nhwc,ndc->nhwd", t, m, optimize=True)
         if "blur" in self.names:
             t = t.copy()
@@ -71,6 +77,7 @@ class Augmenter:
 
 def describe(names: tuple[str, ...]) -> str:
     words = {"stain": "stain colour (hue ±18°, saturation ×0.6–1.5, gamma 0.7–1.4)",
+             "stain-wide": "stain colour, wide (hue ±25°, saturation ×0.45–1.7, gamma 0.6–1.6)",
              "blur": "defocus blur (sigma 0.1–1.5 px, half the crops)", "noise": "sensor noise (sigma 4)",
              "scale": "cell scale (40–128 px before the resize)"}
     return "; ".join(words[n] for n in names)
