@@ -57,6 +57,9 @@ class ModelCard:
     parity: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     tools: dict = field(default_factory=dict)
+    # how field mode cuts cells for this model, as it was trained: {"complete_overlap": × diameter} (see
+    # edge.detect.DetectParams); empty: the crops stop short of touching neighbours
+    field_crops: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"

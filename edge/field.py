@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -61,8 +61,12 @@ class FieldOptions:
 
     @classmethod
     def at(cls, point: OperatingPoint, **kw) -> "FieldOptions":
+        """The point's options; cells are cut as the model's card says it was trained (field_crops)."""
+        det = kw.pop("detect", DetectParams())
+        if point.complete_overlap and not det.complete_overlap:
+            det = replace(det, complete_overlap=point.complete_overlap)
         return cls(point.threshold, point.counts, point.name, screen=point.screen, by_patient=point.by_patient,
-                   spread=point.spread, **kw)
+                   spread=point.spread, detect=det, **kw)
 
 
 @dataclass

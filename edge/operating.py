@@ -39,6 +39,7 @@ class OperatingPoint:
     # the least between-patient variance of (Se, Sp) the interval draws with: field mode's, measured on
     # synthetic fields of the validation patients (`malaria-edge evaluate --field-spread`), where the card has it
     spread: tuple[float, float] = (0.0, 0.0)
+    complete_overlap: float = 0.0  # the card's field_crops: how field mode cuts cells for this model
 
 
 def field_point(model: Loaded) -> str:
@@ -67,8 +68,12 @@ def operating_point(model: Loaded, name: str, threads: int | None = None) -> Ope
     if not all(0 <= v < 0.25 for v in spread):  # a rate's variance is at most 0.25
         raise ModelError(f"{model.path.name}: the '{name}' point's field_spread {spread} is not a pair of variances "
                          f"of rates; re-run: malaria-edge evaluate {model.path} --field-spread --update-card")
+    overlap = float((model.card.field_crops or {}).get("complete_overlap", 0.0))
+    if not 0 <= overlap < 0.5:
+        raise ModelError(f"{model.path.name}: its card's field_crops complete_overlap {overlap} is not a share of a "
+                         "cell diameter in [0, 0.5)")
     return OperatingPoint(name, thr, dict(op["counts"]), load_screen(model, spec, thr, threads) if spec else None,
-                          by_patient, spread)
+                          by_patient, spread, overlap)
 
 
 def load_screen(model: Loaded, spec: dict, threshold: float, threads: int | None = None) -> Screen:

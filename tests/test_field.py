@@ -169,6 +169,28 @@ def test_a_crop_stops_short_of_a_touching_neighbour_and_keeps_its_rim_towards_ba
     assert left.mask.sum() > left.crop_mask.sum() and np.nonzero(left.mask)[1].max() + left.box[0] >= 189
 
 
+def test_complete_overlap_gives_a_crop_back_the_part_of_its_cell_the_split_gave_a_neighbour():
+    img = np.full((300, 420, 3), (225, 205, 215), np.uint8)
+    for c in ((150, 150), (215, 150)):  # overlapping 15 px deep, split at x = 182
+        cv2.circle(img, c, 40, (175, 110, 145), -1)
+    cv2.circle(img, (186, 150), 4, (90, 20, 90), -1)  # a parasite on the left cell's rim, past the split line (x 183)
+    plain = detect(img, DetectParams(cell_diameter=80))
+    done = detect(img, DetectParams(cell_diameter=80, complete_overlap=0.067))
+    # the detection (what is scored and drawn) is the same either way
+    assert [c.box for c in plain.cells] == [c.box for c in done.cells] and len(done.cells) == 2
+    left, left_done = (min(d.cells, key=lambda c: c.centre[0]) for d in (plain, done))
+
+    def reach(cell):  # rightmost column of the cropped cell, in the image's pixels
+        x, y, w, h = cell.crop_box or cell.box
+        return x + np.nonzero(cell.crop_mask.any(axis=0))[0].max()
+    assert reach(left) <= 183 and reach(left_done) >= 190  # the parasite (x 182-190) is now in it
+
+    def parasite(c):
+        return int(((c[..., 1] < 40) & (c[..., 2] > 50)).sum())
+    assert parasite(crop(img, left)) < 12 and parasite(crop(img, left_done)) >= 40
+    assert left_done.shared == pytest.approx(left.shared)  # contact is measured as before
+
+
 def test_a_cell_leaves_more_of_its_mask_to_a_neighbour_the_deeper_they_overlap():
     img = np.full((300, 560, 3), (225, 205, 215), np.uint8)
     for c in ((80, 150), (158, 150), (330, 150), (394, 150), (500, 60)):  # pairs 78 and 64 px apart, one alone

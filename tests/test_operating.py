@@ -46,7 +46,7 @@ def test_field_mode_defaults_to_the_screened_counting_point():
 def _copy(tmp_path, edit):
     """The shipped field model with its screen, in a tmp models tree, its card edited."""
     for sub in ("mobilenetv2", "cnn_s2"):
-        (tmp_path / sub).mkdir()
+        (tmp_path / sub).mkdir(parents=True)
     dst = tmp_path / "mobilenetv2" / MNV2.name
     shutil.copy(MNV2, dst)
     card = json.loads(MNV2.with_name(MNV2.name + ".card.json").read_text())
@@ -177,6 +177,21 @@ def test_field_mode_reads_field_modes_spread_and_refuses_one_that_is_not_a_varia
     path = _copy(tmp_path, lambda c: c["operating_points"][FAST]["field_spread"].update(sensitivity_var=0.5))
     with pytest.raises(ModelError, match="field_spread"):
         Classifier.load(path, mode="field")
+
+
+def test_field_mode_cuts_cells_as_the_card_says_its_model_was_trained_and_refuses_a_nonsense_value(tmp_path):
+    from edge.field import FieldOptions
+    from edge.detect import DetectParams
+    assert FieldOptions.at(Classifier.load(MNV2, mode="field").point).detect.complete_overlap == 0
+    path = _copy(tmp_path, lambda c: c.update(field_crops={"complete_overlap": 0.067}))
+    point = Classifier.load(path, mode="field").point
+    assert point.complete_overlap == 0.067
+    assert FieldOptions.at(point).detect.complete_overlap == 0.067
+    given = FieldOptions.at(point, detect=DetectParams(cell_diameter=60)).detect  # a user's --cell-diameter keeps it
+    assert (given.cell_diameter, given.complete_overlap) == (60, 0.067)
+    bad = _copy(tmp_path / "bad", lambda c: c.update(field_crops={"complete_overlap": 3}))
+    with pytest.raises(ModelError, match="complete_overlap"):
+        Classifier.load(bad, mode="field")
 
 
 def test_evaluate_field_spread_measures_it_on_the_validation_patients_fields_and_writes_it(tmp_path, prepared):
