@@ -11,7 +11,8 @@ field; rings broken at pale centres closed, holes filled); touching cells are sp
 distance transform; each region is then accepted or rejected with a reason (cut by the image or
 eyepiece edge, too small for a red cell: platelet or debris, too large: an unsplit clump, or a white
 blood cell: mostly nucleus-dark stain, or a large region with much of it). What is cropped of a cell
-stops short of a touching neighbour (Cell.crop_mask); the detection itself is the split region.
+stops short of a touching neighbour (Cell.crop_mask), or, for a model whose card asks for it, is completed
+over the neighbour's region (DetectParams.complete_overlap); the detection itself is the split region.
 """
 from __future__ import annotations
 

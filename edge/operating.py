@@ -68,10 +68,13 @@ def operating_point(model: Loaded, name: str, threads: int | None = None) -> Ope
     if not all(0 <= v < 0.25 for v in spread):  # a rate's variance is at most 0.25
         raise ModelError(f"{model.path.name}: the '{name}' point's field_spread {spread} is not a pair of variances "
                          f"of rates; re-run: malaria-edge evaluate {model.path} --field-spread --update-card")
-    overlap = float((model.card.field_crops or {}).get("complete_overlap", 0.0))
+    try:
+        overlap = float((model.card.field_crops or {}).get("complete_overlap", 0.0))
+    except (TypeError, ValueError, AttributeError):
+        overlap = -1.0
     if not 0 <= overlap < 0.5:
-        raise ModelError(f"{model.path.name}: its card's field_crops complete_overlap {overlap} is not a share of a "
-                         "cell diameter in [0, 0.5)")
+        raise ModelError(f"{model.path.name}: its card's field_crops {model.card.field_crops!r} is not "
+                         "{'complete_overlap': a share of a cell diameter in [0, 0.5)}")
     return OperatingPoint(name, thr, dict(op["counts"]), load_screen(model, spec, thr, threads) if spec else None,
                           by_patient, spread, overlap)
 

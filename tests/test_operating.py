@@ -189,9 +189,10 @@ def test_field_mode_cuts_cells_as_the_card_says_its_model_was_trained_and_refuse
     assert FieldOptions.at(point).detect.complete_overlap == 0.067
     given = FieldOptions.at(point, detect=DetectParams(cell_diameter=60)).detect  # a user's --cell-diameter keeps it
     assert (given.cell_diameter, given.complete_overlap) == (60, 0.067)
-    bad = _copy(tmp_path / "bad", lambda c: c.update(field_crops={"complete_overlap": 3}))
-    with pytest.raises(ModelError, match="complete_overlap"):
-        Classifier.load(bad, mode="field")
+    for i, nonsense in enumerate((3, "wide", ["x"])):
+        bad = _copy(tmp_path / f"bad{i}", lambda c: c.update(field_crops={"complete_overlap": nonsense}))
+        with pytest.raises(ModelError, match="complete_overlap"):
+            Classifier.load(bad, mode="field")
 
 
 def test_evaluate_field_spread_measures_it_on_the_validation_patients_fields_and_writes_it(tmp_path, prepared):
