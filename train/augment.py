@@ -54,9 +54,8 @@ class Augmenter:
     def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n, h, w, _ = x.shape
         t = np.asarray(x, np.float32)
-        stain = [STAIN_RANGES[k] for k in STAIN_RANGES if k in self.names]
-        if stain:
-            hue, sat, gam = max(stain)  # the wider range, if both are asked for
+        if "stain" in self.names or "stain-wide" in self.names:
+            hue, sat, gam = STAIN_RANGES["stain-wide" if "stain-wide" in self.names else "stain"]  # the wider, if both
             gamma = np.exp(rng.uniform(*np.log(gam), (n, 1, 1, 1))).astype(np.float32)
             t = 255.0 * np.power(np.clip(t / 255.0, 0.0, 1.0), gamma)
             m = stain_matrices(rng.uniform(-hue, hue, n), np.exp(rng.uniform(*np.log(sat), n)))
