@@ -42,11 +42,13 @@ class DetectParams:
     # photo beside them, are a frame or padding round it (a white one read as 37% saturated and a 518 px
     # "cell"), left outside like the eyepiece's black; a photo's own lines vary more (noise, vignetting)
     flat_border: int = 6
-    # white fill at the border (a photo turned with white corners): saturated regions touching the border, over
-    # white_fill_share and under half of the image, filling over white_fill_solid of their convex hull. An
-    # overexposed field's saturated background is not solid (the cells are holes in it) and stays field
-    white_fill_share: float = 0.002
-    white_fill_solid: float = 0.9
+    # fill at the border (a photo turned with white or grey corners): regions touching the border, over
+    # fill_share and under half of the image, filling over fill_solid of their convex hull, that are saturated
+    # white, or flat grey (see border_fill) of another colour than the field's background. An overexposed
+    # field's saturated background, or a denoised photo's flat one, is not solid (the cells are holes in it)
+    # and stays field
+    fill_share: float = 0.002
+    fill_solid: float = 0.9
     min_area: float = 0.30  # × median cell area: smaller regions are platelets or debris
     max_area: float = 2.6  # × median cell area: larger regions are unsplit clumps, unless round (below)
     # A region up to round_max_area × the median area is one enlarged cell, not a clump, when the largest
@@ -199,30 +201,49 @@ def flat_border(rgb: np.ndarray, tol: int) -> tuple[int, int, int, int]:
                  for (n, colour, beside, line), limit in zip(sides, limits))
 
 
-def white_fill(rgb: np.ndarray, p: DetectParams) -> np.ndarray | None:
-    """White that fills a corner or side of the image (a photo turned with white fill, a white margin cut at
-    a slant), as DetectParams.white_fill_* define it; None when there is none."""
+def border_fill(rgb: np.ndarray, p: DetectParams) -> np.ndarray | None:
+    """Fill that a photo turned or cut at a slant gets at its corners or sides: white, or a flat grey (every
+    channel within flat_border grey levels over 3×3 pixels, the channels within twice that of each other) unlike
+    the field's background, as DetectParams.fill_* define it; None when there is none. Grey fill darker than the
+    background was foreground and split into a row of "cells"; the slide's own background, as flat in a denoised
+    phone JPEG, is tinted and full of holes."""
     low = cv2.min(cv2.min(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
-    white = (low >= SATURATED).astype(np.uint8)
-    H, W = white.shape
-    if cv2.countNonZero(white) < p.white_fill_share * H * W:
+    high = cv2.max(cv2.max(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+    H, W = low.shape
+    white = low >= SATURATED
+    grey = ((high.astype(np.int16) - low) <= 2 * p.flat_border) & (high > p.eyepiece_dark * 255)  # black: outside
+    if cv2.countNonZero((white | grey).astype(np.uint8)) < p.fill_share * H * W:
         return None
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(white, connectivity=8)
+    k = np.ones((3, 3), np.uint8)
+    flat = np.all([cv2.dilate(c, k).astype(np.int16) - cv2.erode(c, k) <= p.flat_border
+                   for c in cv2.split(rgb)], axis=0)
+    candidate = white | (grey & flat)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(candidate.astype(np.uint8), connectivity=8)
     fill = np.zeros((H, W), bool)
+    background = None
     for i in range(1, n):
         x, y, w, h, area = stats[i]
-        if not p.white_fill_share * H * W <= area <= 0.5 * H * W or not (x == 0 or y == 0 or x + w == W or y + h == H):
+        if not p.fill_share * H * W <= area <= 0.5 * H * W or not (x == 0 or y == 0 or x + w == W or y + h == H):
             continue
-        pts = cv2.findNonZero((lab[y:y + h, x:x + w] == i).astype(np.uint8))
-        if area >= p.white_fill_solid * max(1.0, cv2.contourArea(cv2.convexHull(pts))):
-            fill[lab == i] = True
+        region = lab[y:y + h, x:x + w] == i
+        if area < p.fill_solid * max(1.0, cv2.contourArea(cv2.convexHull(cv2.findNonZero(region.astype(np.uint8))))):
+            continue
+        colour = np.median(rgb[y:y + h, x:x + w][region], axis=0)
+        if colour.min() < SATURATED:  # grey: fill only where it is not the background's own colour
+            if background is None:  # the field's background: the brightest tenth of what is no candidate
+                rest = ~candidate
+                background = (np.median(rgb[rest & (high >= _percentile_u8(high[rest], 90))], axis=0)
+                              if rest.any() else colour)
+            if np.abs(colour - background).max() <= 3 * p.flat_border:
+                continue
+        fill[y:y + h, x:x + w] |= region
     return fill if fill.any() else None
 
 
 def eyepiece_mask(rgb: np.ndarray, p: DetectParams) -> np.ndarray:
     """The bright field of view: everything not dark, as one filled region (the whole image if no disc),
-    less any white fill at the image's border."""
-    fill = white_fill(rgb, p)
+    less any fill at the image's border."""
+    fill = border_fill(rgb, p)
     field = _disc(rgb, p)
     return field if fill is None else field & ~fill
 
