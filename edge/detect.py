@@ -582,11 +582,25 @@ def _fill(mask: np.ndarray) -> float:
 
 
 def _bboxes(labels: np.ndarray, n: int) -> tuple[dict[int, tuple[int, int, int, int]], dict[int, tuple[float, float]]]:
-    """(y0, y1, x0, x1) and centroid (y, x) of each label, in one pass."""
-    ys, xs = np.nonzero(labels)
-    ids = labels[ys, xs]
-    if len(ids) == 0:
+    """(y0, y1, x0, x1) and centroid (y, x) of each label. A region's box is its outline's, so the minima and
+    maxima (slow, unbuffered) are taken over outline pixels only; the centroids are sums over every pixel."""
+    h, w = labels.shape
+    flat = labels.ravel()
+    cnt = np.bincount(flat, minlength=n + 1)
+    cnt[0] = 0
+    present = np.flatnonzero(cnt)
+    if len(present) == 0:
         return {}, {}
+    outline = np.zeros((h, w), bool)
+    outline[0], outline[-1], outline[:, 0], outline[:, -1] = True, True, True, True
+    step = labels[1:] != labels[:-1]
+    outline[1:] |= step
+    outline[:-1] |= step
+    step = labels[:, 1:] != labels[:, :-1]
+    outline[:, 1:] |= step
+    outline[:, :-1] |= step
+    ys, xs = np.nonzero(outline & (labels != 0))
+    ids = labels[ys, xs]
     y0 = np.full(n + 1, 1 << 30)
     x0 = np.full(n + 1, 1 << 30)
     y1 = np.full(n + 1, -1)
@@ -595,10 +609,9 @@ def _bboxes(labels: np.ndarray, n: int) -> tuple[dict[int, tuple[int, int, int, 
     np.minimum.at(x0, ids, xs)
     np.maximum.at(y1, ids, ys)
     np.maximum.at(x1, ids, xs)
-    cnt = np.maximum(np.bincount(ids, minlength=n + 1), 1)
-    my = np.bincount(ids, weights=ys, minlength=n + 1) / cnt
-    mx = np.bincount(ids, weights=xs, minlength=n + 1) / cnt
-    present = np.unique(ids)
+    div = np.maximum(cnt, 1)
+    my = np.bincount(flat, weights=np.repeat(np.arange(h, dtype=np.float64), w), minlength=n + 1) / div
+    mx = np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), h), minlength=n + 1) / div
     boxes = {int(k): (int(y0[k]), int(y1[k]) + 1, int(x0[k]), int(x1[k]) + 1) for k in present}
     return boxes, {int(k): (float(my[k]), float(mx[k])) for k in present}
 

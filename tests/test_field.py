@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.detect import DetectParams, crop, detect, flat_border
+from edge.detect import DetectParams, _bboxes, crop, detect, flat_border
 from edge.field import FieldOptions, QualityParams, analyze, quality
 from edge.images import load_image
 from edge.metrics import operating_points, threshold_for_specificity
@@ -439,6 +439,21 @@ def test_quality_gate_rejects_an_overexposed_field_and_says_how_much_is_saturate
     saturated = (det.work >= 250).all(axis=2)[det.eyepiece].mean()  # every channel at the top, inside the disc
     assert reason.startswith("overexposed") and m["clipped"] == pytest.approx(saturated, abs=1e-4) and saturated > 0.25
     assert quality(small, detect(small), QualityParams())[1]["clipped"] < 0.01
+
+
+def test_region_boxes_and_centroids_are_those_of_every_pixel_of_the_region():
+    # boxes come from the regions' outlines only (faster); they must be the boxes of all their pixels
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        h, w = rng.integers(1, 30, 2)
+        labels = (rng.integers(0, 5, (h, w)) * (rng.random((h, w)) < 0.7)).astype(np.int32)
+        labels[h // 3:, w // 3:][:h // 3, :w // 3] = 7  # a solid block: interior pixels off the outline
+        boxes, centres = _bboxes(labels, int(labels.max()))
+        assert set(boxes) == set(np.unique(labels[labels > 0]).tolist())
+        for k in boxes:
+            ys, xs = np.nonzero(labels == k)
+            assert boxes[k] == (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1)
+            assert centres[k] == pytest.approx((ys.mean(), xs.mean()))
 
 
 def test_flat_border_counts_the_lines_of_one_colour_at_each_edge():
