@@ -7,6 +7,10 @@
 2. The real slide: the dev set's crops of slide C12 found in the four real photos (masked template
    matching), against the detector's cell at the same place: box size, mask IoU and area.
 3. Crowding on both: the share of split regions that touch another, and of their rim that is shared.
+4. The re-cut in a real field's geometry: validation crops laid into the real photos in place of real cells
+   of their size (as cut, and restained to the slide's colour), among the slide's own touching cells; field
+   mode's calls of them against their own crops' (the share of sensitivity the correction scales by is
+   measured on synthetic fields: does it hold among real neighbours?).
 
     python -m benchmarks.recut → benchmarks/results/recut.{md,json}
 """
@@ -20,13 +24,14 @@ import numpy as np
 
 from edge.card import atomic_write_text
 from edge.detect import Detection, detect
-from edge.field import FieldOptions, analyze
+from edge.field import FieldOptions, analyze, classify_crops
 from edge.images import load_image
-from edge.operating import operating_point
+from edge.operating import field_point, operating_point
 from edge.preprocess import resize_rgb
 from edge.runtime import default_model, load_classifier
 from train.fieldpool import found_cells, patient_crops
-from train.synthetic import SynthParams, cell_mask, make_field
+from train.fieldscore import contains
+from train.synthetic import SynthParams, _paste, cell_mask, make_field, smear_colour
 
 CLEAN = dict(vignette=0, noise=0, jpeg_quality=None, wbc=0, platelets=0)
 WAYS = ("nih_crop", "own_mask_in_field", "own_mask_in_detector_box", "field_mode")
@@ -148,6 +153,80 @@ def synthetic_crowding(groups: dict[str, tuple[list, list]], fields: int = 8, se
                      for j, (pos, neg) in enumerate(list(groups.values())[:fields])])
 
 
+def _absorbance(px: np.ndarray, light) -> np.ndarray:
+    return -np.log(np.clip(px.astype(np.float32) / np.maximum(np.asarray(light, np.float32), 1), 1e-3, 1))
+
+
+def real_geometry(model, groups: dict[str, tuple[list, list]], fields_root: Path, restain: bool, rounds: int = 4,
+                  per_photo: int = 40, seed: int = 0) -> dict:
+    """Half infected, half uninfected validation crops, each laid (Beer-Lambert, as synthetic fields lay them) in
+    place of a real cell of about its area, which is first set to the local background colour; the slide's
+    other cells stay as photographed. restain: each crop's per-channel absorbance scaled so its median cell
+    matches the slide's (else it keeps its own slide's colour, which the detector sees as unlike its
+    neighbours). Field mode's calls of the laid cells (found inside exactly one counted cell) against the same
+    rule on their own crops (restained, when they are)."""
+    point = operating_point(model, field_point(model))
+    opts = FieldOptions.at(point)
+    pool = [(y, c, smear_colour(neg or pos)) for pos, neg in groups.values() for y, cs in ((1, pos), (0, neg))
+            for _, c in cs]
+    rng = np.random.default_rng(seed)
+    photos = [load_image(p) for p in sorted((fields_root / "Img").glob("*.jpg"))]
+    rows = []
+    for im in photos:
+        det = detect(im)
+        H, W = im.shape[:2]
+        taken = np.zeros((H, W), bool)
+        for c in det.cells:
+            x, y, w, h = c.box
+            taken[y:y + h, x:x + w] |= c.mask
+        disc = cv2.resize(det.eyepiece.view(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST).astype(bool)
+        slide_a = np.median(_absorbance(im[taken], np.median(im[disc & ~taken], axis=0)), axis=0)
+        ok = [c for c in det.cells if c.status == "ok"]
+        for _ in range(rounds):
+            canvas, laid = im.astype(np.float32), []
+            for j, ci in enumerate(rng.choice(len(ok), min(per_photo, len(ok)), replace=False)):
+                c, want = ok[ci], int(j % 2 == 0)
+                x, y, w, h = c.box
+                for _ in range(200):  # a crop of about the cell's area, so that it fills the real cell's place
+                    label, cr, light = pool[rng.integers(len(pool))]
+                    if label == want and 0.85 <= cell_mask(cr).sum() / c.mask.sum() <= 1.15:
+                        break
+                else:
+                    continue
+                X0, Y0, X1, Y1 = max(0, x - w), max(0, y - h), min(W, x + 2 * w), min(H, y + 2 * h)
+                bg = np.median(canvas[Y0:Y1, X0:X1][~taken[Y0:Y1, X0:X1]], axis=0)
+                hole = np.zeros((H, W), np.uint8)
+                hole[y:y + h, x:x + w] = c.mask
+                canvas[cv2.dilate(hole, np.ones((7, 7), np.uint8)).astype(bool)] = bg
+                cr = np.ascontiguousarray(np.rot90(cr, int(rng.integers(4))))
+                m = cell_mask(cr)
+                if restain:
+                    a = _absorbance(cr, light)
+                    cr = np.where(m[..., None], np.clip(bg * np.exp(-a * slide_a / np.maximum(np.median(a[m], axis=0), 1e-3)),
+                                                        0, 255), 0).astype(np.uint8)
+                    light = bg
+                if _paste(canvas, cr, m, *c.centre, light):  # its transmittance, over this slide's light
+                    laid.append((c.centre, label, cr))
+            res = analyze(np.clip(canvas, 0, 255).astype(np.uint8), "laid", model, opts)
+            counted = [(cc, call) for cc, call in zip(res.detection.cells, res.cells) if call.prob_parasitized is not None]
+            own = classify_crops([cr for _, _, cr in laid], model, opts.batch, opts.screen)
+            for ((cx, cy), label, _), p_own in zip(laid, own):
+                hits = [(cc, call) for cc, call in counted if contains(cc, cx, cy)]
+                rows.append((label, float(p_own), hits[0][1].prob_parasitized if len(hits) == 1 else None,
+                             hits[0][0].shared if len(hits) == 1 else None))
+    y = np.array([r[0] for r in rows])
+    found = np.array([r[2] is not None for r in rows])
+    own = np.array([r[1] for r in rows]) >= point.threshold
+    field = np.array([r[2] or 0.0 for r in rows]) >= point.threshold
+    inf, un = found & (y == 1), found & (y == 0)
+    return {"restained": restain, "laid": len(rows), "found": float(found.mean()), "infected": int(inf.sum()),
+            "uninfected": int(un.sum()), "threshold": point.threshold, "point": point.name,
+            "crops_sensitivity": float(own[inf].mean()), "field_sensitivity": float(field[inf].mean()),
+            "kept": float(field[inf].sum() / max(1, own[inf].sum())),
+            "crops_false_positive": float(own[un].mean()), "field_false_positive": float(field[un].mean()),
+            "touching": float(np.mean([r[3] > 0 for r in rows if r[3] is not None]))}
+
+
 def markdown(r: dict) -> str:
     a = r["four_ways"]
     names = {"nih_crop": "the NIH crop", "own_mask_in_field": "its own mask, cut from the field",
@@ -172,6 +251,20 @@ def markdown(r: dict) -> str:
               f"| real (4 photos) | {c['regions']} | {c['touching']:.2f} | {c['median_shared_rim']:.2f} |",
               f"| synthetic, default spacing (8 validation fields) | {sc['regions']} | {sc['touching']:.2f} | "
               f"{sc['median_shared_rim']:.2f} |"]
+    if r.get("real_geometry"):
+        g0 = r["real_geometry"][0]
+        lines += ["", f"## The re-cut among real neighbours ({g0['point']}, threshold {g0['threshold']:.4f})", "",
+                  "Validation crops laid into the 4 real photos in place of real cells of about their area (half "
+                  "infected), among the slide's own cells; field mode's calls of those it counts, against the same "
+                  "rule on their own crops. Restained: each crop's absorbance scaled to the slide's median cell.", "",
+                  "| crops | laid | counted | infected | their crops' sensitivity | field mode's | kept | uninfected | "
+                  "their crops' false positives | field mode's | touching a neighbour |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for g in r["real_geometry"]:
+            lines.append(f"| {'restained' if g['restained'] else 'as cut'} | {g['laid']} | {g['found']:.1%} | "
+                         f"{g['infected']} | {g['crops_sensitivity']:.3f} | {g['field_sensitivity']:.3f} | "
+                         f"**{g['kept']:.3f}** | {g['uninfected']} | {g['crops_false_positive']:.3f} | "
+                         f"{g['field_false_positive']:.3f} | {g['touching']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +277,8 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
     log("the real slide")
     res["real_slide"] = real_slide(fields_root, crops_root, log=log)
     res["synthetic_crowding"] = synthetic_crowding(groups)
+    log("the re-cut among real neighbours")
+    res["real_geometry"] = [real_geometry(model, groups, fields_root, restain) for restain in (False, True)]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "recut.json", json.dumps(res, indent=1, default=float) + "\n")
     atomic_write_text(out / "recut.md", markdown(res))
