@@ -74,9 +74,14 @@ class Augmenter:
         return np.clip(t, 0, 255).astype(np.float32)
 
 
+def _stain_words(name: str) -> str:
+    hue, (s0, s1), (g0, g1) = STAIN_RANGES[name]
+    return f"hue ±{hue:g}°, saturation ×{s0:g}–{s1:g}, gamma {g0:g}–{g1:g}"
+
+
 def describe(names: tuple[str, ...]) -> str:
-    words = {"stain": "stain colour (hue ±18°, saturation ×0.6–1.5, gamma 0.7–1.4)",
-             "stain-wide": "stain colour, wide (hue ±25°, saturation ×0.45–1.7, gamma 0.6–1.6)",
+    words = {"stain": f"stain colour ({_stain_words('stain')})",
+             "stain-wide": f"stain colour, wide ({_stain_words('stain-wide')})",
              "blur": "defocus blur (sigma 0.1–1.5 px, half the crops)", "noise": "sensor noise (sigma 4)",
              "scale": "cell scale (40–128 px before the resize)"}
     return "; ".join(words[n] for n in names)
