@@ -167,8 +167,10 @@ def real_geometry(model, groups: dict[str, tuple[list, list]], fields_root: Path
     rule on their own crops (restained, when they are)."""
     point = operating_point(model, field_point(model))
     opts = FieldOptions.at(point)
-    pool = [(y, c, smear_colour(neg or pos)) for pos, neg in groups.values() for y, cs in ((1, pos), (0, neg))
-            for _, c in cs]
+    # (label, crop, its slide's light, its cell's area): each slide's light and each crop's area measured once
+    lights = [smear_colour(neg or pos) for pos, neg in groups.values()]
+    pool = [(y, c, light, int(cell_mask(c).sum())) for (pos, neg), light in zip(groups.values(), lights)
+            for y, cs in ((1, pos), (0, neg)) for _, c in cs]
     rng = np.random.default_rng(seed)
     photos = [load_image(p) for p in sorted((fields_root / "Img").glob("*.jpg"))]
     rows = []
@@ -188,8 +190,8 @@ def real_geometry(model, groups: dict[str, tuple[list, list]], fields_root: Path
                 c, want = ok[ci], int(j % 2 == 0)
                 x, y, w, h = c.box
                 for _ in range(200):  # a crop of about the cell's area, so that it fills the real cell's place
-                    label, cr, light = pool[rng.integers(len(pool))]
-                    if label == want and 0.85 <= cell_mask(cr).sum() / c.mask.sum() <= 1.15:
+                    label, cr, light, area = pool[rng.integers(len(pool))]
+                    if label == want and 0.85 <= area / c.mask.sum() <= 1.15:
                         break
                 else:
                     continue
