@@ -201,14 +201,13 @@ def flat_border(rgb: np.ndarray, tol: int) -> tuple[int, int, int, int]:
                  for (n, colour, beside, line), limit in zip(sides, limits))
 
 
-def border_fill(rgb: np.ndarray, p: DetectParams) -> np.ndarray | None:
+def border_fill(rgb: np.ndarray, p: DetectParams, high: np.ndarray) -> np.ndarray | None:
     """Fill that a photo turned or cut at a slant gets at its corners or sides: white, or a flat grey (every
     channel within flat_border grey levels over 3×3 pixels, the channels within twice that of each other) unlike
     the field's background, as DetectParams.fill_* define it; None when there is none. Grey fill darker than the
     background was foreground and split into a row of "cells"; the slide's own background, as flat in a denoised
-    phone JPEG, is tinted and full of holes."""
+    phone JPEG, is tinted and full of holes. high: the image's largest channel (_brightest)."""
     low = cv2.min(cv2.min(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
-    high = cv2.max(cv2.max(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
     H, W = low.shape
     white = low >= SATURATED
     grey = ((high.astype(np.int16) - low) <= 2 * p.flat_border) & (high > p.eyepiece_dark * 255)  # black: outside
@@ -243,13 +242,19 @@ def border_fill(rgb: np.ndarray, p: DetectParams) -> np.ndarray | None:
 def eyepiece_mask(rgb: np.ndarray, p: DetectParams) -> np.ndarray:
     """The bright field of view: everything not dark, as one filled region (the whole image if no disc),
     less any fill at the image's border."""
-    fill = border_fill(rgb, p)
-    field = _disc(rgb, p)
+    v = _brightest(rgb)
+    fill = border_fill(rgb, p, v)
+    field = _disc(v, p)
     return field if fill is None else field & ~fill
 
 
-def _disc(rgb: np.ndarray, p: DetectParams) -> np.ndarray:
-    v = cv2.max(cv2.max(rgb[..., 0], rgb[..., 1]), rgb[..., 2])  # NumPy's max over a 3-long axis is 10× slower
+def _brightest(rgb: np.ndarray) -> np.ndarray:
+    """Each pixel's largest channel."""
+    return cv2.max(cv2.max(rgb[..., 0], rgb[..., 1]), rgb[..., 2])  # NumPy's max over a 3-long axis is 10× slower
+
+
+def _disc(v: np.ndarray, p: DetectParams) -> np.ndarray:
+    """The bright field of view in v, each pixel's largest channel."""
     bright = _percentile_u8(v, 95)
     inside = (v > p.eyepiece_dark * bright).astype(np.uint8)
     if inside.mean() > 0.97:
