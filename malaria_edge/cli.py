@@ -136,6 +136,22 @@ def data_pack(prepared, out, splits, quality, lossless):
                f"({info['bytes'] / 2**20:.1f} MiB)")
 
 
+@data.command("fold")
+@click.argument("prepared", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--fold", "fold", type=int, required=True, help="Which fold becomes the val split (0-based).")
+@click.option("--folds", type=click.IntRange(2, 10), default=4, show_default=True,
+              help="Folds by patient over the train and val patients.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the folds.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Prepared folder to create.")
+@_fail_cleanly
+def data_fold(prepared, fold, folds, seed, out):
+    """A prepared folder for cross-fitting: fold FOLD of the train and val patients as val, the rest as
+    train, test unchanged (the cache is linked). Train one model per fold to measure on every patient."""
+    from train.data import write_fold
+    summary = write_fold(prepared, out, fold, folds, seed)
+    click.echo(", ".join(f"{s} {v['images']} images / {v['groups']} patients" for s, v in summary.items()) + f" → {out}")
+
+
 @data.command("unpack")
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Prepared folder to create.")

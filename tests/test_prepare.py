@@ -116,3 +116,15 @@ def test_download_without_credentials_is_one_line(tmp_path):
     res = run(["-m", "malaria_edge", "data", "download", "--dest", str(tmp_path)],
               env={"HOME": str(tmp_path), "KAGGLE_USERNAME": "", "KAGGLE_KEY": "", "KAGGLE_CONFIG_DIR": str(tmp_path)})
     assert res.returncode == 1 and "no Kaggle credentials" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_fold_folder_links_the_cache_and_moves_only_the_split(prepared, tmp_path):
+    from train.data import load_prepared, write_fold
+    write_fold(prepared, tmp_path / "fold", 1, folds=2)
+    a, b = load_prepared(prepared), load_prepared(tmp_path / "fold")
+    assert np.array_equal(a.images, b.images) and a.relpaths == b.relpaths
+    assert set(b.splits) <= {"train", "val", "test"} and (b.splits == "val").any()
+    assert ((a.splits == "test") == (b.splits == "test")).all()
+    val = {g for g, s in zip(b.groups, b.splits) if s == "val"}
+    assert not val & {g for g, s in zip(b.groups, b.splits) if s == "train"}
+    assert sorted(val) == json.loads((tmp_path / "fold" / "split.json").read_text())["val_groups"]

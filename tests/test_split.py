@@ -80,3 +80,34 @@ def test_small_sets_still_get_every_split():
     a = assign_groups(groups, labels, seed=3)
     assert set(a.values()) == {"train", "val", "test"}
     assert np.isclose(sum(1 for g in groups if a[g] == "train") / 60, 0.7, atol=0.1)
+
+
+def test_folds_hold_out_every_train_and_val_patient_once_and_leave_test_alone(dev_rows):
+    from train.split import fold_splits
+    groups, labels, splits = _split_dev(dev_rows)
+    held = Counter()
+    for k in range(4):
+        f = fold_splits(groups, labels, splits, k, folds=4)
+        assert [s for s in f if s == "test"] == [s for s in splits if s == "test"]
+        assert all(a == "test" for a, b in zip(splits, f) if b == "test")
+        seen = defaultdict(set)
+        for g, s in zip(groups, f):
+            seen[g].add(s)
+        assert all(len(v) == 1 for v in seen.values())
+        held.update({g for g, s in zip(groups, f) if s == "val"})
+    train_val = {g for g, s in zip(groups, splits) if s != "test"}
+    assert set(held) == train_val and set(held.values()) == {1}
+
+
+def test_folds_spread_the_infected_patients(dev_rows):
+    from train.split import fold_splits
+    groups, labels, splits = _split_dev(dev_rows)
+    infected = [len({g for g, s, y in zip(groups, fold_splits(groups, labels, splits, k), labels)
+                     if s == "val" and y == "Parasitized"}) for k in range(4)]
+    assert max(infected) - min(infected) <= 3, infected
+
+
+def test_a_fold_outside_the_folds_is_an_error():
+    from train.split import fold_splits
+    with pytest.raises(ValueError, match="fold 4"):
+        fold_splits(["P1", "P2"], ["Parasitized", "Uninfected"], ["train", "val"], 4, folds=4)

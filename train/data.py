@@ -186,6 +186,36 @@ def prepare(src: Path, out: Path, size: int = 128, seed: int = 0, split_kind: st
     return report
 
 
+def write_fold(prepared: Path, out: Path, fold: int, folds: int = 4, seed: int = 0) -> dict:
+    """A prepared folder whose val split is fold `fold` of `prepared`'s train and val patients and whose
+    train split is the other folds (`split.fold_splits`); test rows as they were. The decoded cache is
+    linked, not copied. Returns the new split's summary."""
+    prepared, out = Path(prepared), Path(out)
+    d = load_prepared(prepared)
+    with open(prepared / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels = [r["label"] for r in rows]
+    try:
+        splits = splitlib.fold_splits(d.groups, labels, list(d.splits), fold, folds, seed)
+    except ValueError as e:
+        raise DataError(f"{prepared}: {e}") from None
+    cache = sorted(prepared.glob("cache_*.npy"))[0].resolve()
+    with staged(out) as staging:
+        try:
+            os.link(cache, staging / cache.name)
+        except OSError:  # another file system
+            os.symlink(cache, staging / cache.name)
+        (staging / "manifest.csv").write_text(manifest_text([{**r, "split": s} for r, s in zip(rows, splits)]))
+        info = json.loads(splitlib.split_json("patient", seed, d.split_info.get("fractions", []),
+                                              d.relpaths, splits, labels, d.groups))
+        info.update(note=f"patient-grouped cross-fitting: fold {fold} of {folds} of the train and val patients "
+                         f"of {prepared} is val, the other folds train; test unchanged",
+                    fold=fold, folds=folds, source_hash=d.split_info.get("hash"),
+                    val_groups=sorted({g for g, s in zip(d.groups, splits) if s == "val"}))
+        (staging / "split.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info["summary"]
+
+
 def manifest_text(rows: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS)

@@ -8,7 +8,7 @@
 #
 # Needs in the repository root: .gpu/trainval.zip (`malaria-edge data pack data/prepared --out
 # .gpu/trainval.zip`, 53 MiB) and .whl/ with the keras, namex and optree wheels for Python 3.12.
-# RUNS_FILE=PATH replaces RUNS by that file's lines (train/sweeps/); ONLY='name name' runs just those lines; EXTRA is added to every run's arguments
+# RUNS_FILE=PATH replaces RUNS by that file's lines (train/sweeps/); FOLDS=N makes patient folds (below); ONLY='name name' runs just those lines; EXTRA is added to every run's arguments
 # (EXTRA='--max-train 256 --max-val 128 --epochs 1 --finetune-epochs 1' is a smoke test).
 # Budget: a run's first epoch under JAX compiles and autotunes for about two minutes when six
 # share the machine; later epochs take 9-14 s (batch 64, six runs) or 4 s (alone).
@@ -20,6 +20,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 { date -u; nvidia-smi -L; nproc; python3 -c "import keras, jax; print('keras', keras.__version__, 'jax', jax.__version__, jax.devices())"; } >"$OUT/machine.txt" 2>&1
 python3 -m malaria_edge data unpack .gpu/trainval.zip --out /tmp/prepared >>"$OUT/machine.txt" 2>&1 || exit 1
+# FOLDS=N: /tmp/fold0 .. /tmp/fold<N-1>, each with one patient fold of the train and val patients as val
+# (`data fold`), for sweep lines that name them with --data; each fold's split.json comes back to check
+for ((k = 0; k < ${FOLDS:-0}; k++)); do
+  python3 -m malaria_edge data fold /tmp/prepared --fold $k --folds $FOLDS --out /tmp/fold$k >>"$OUT/machine.txt" 2>&1 || exit 1
+  cp /tmp/fold$k/split.json "$OUT/fold$k.split.json"
+done
 
 COMMON="--data /tmp/prepared --epochs 60 --finetune-epochs 10 --patience 10 --batch 64 --workers 2 --max-minutes $MINUTES ${EXTRA:-}"
 MNV2="--recipe mobilenetv2-finetune --weights none"

@@ -55,6 +55,27 @@ def assign_groups(groups: list[str], labels: list[str], fractions=(0.7, 0.15, 0.
     return out
 
 
+def fold_splits(groups: list[str], labels: list[str], splits: list[str], fold: int, folds: int = 4,
+                seed: int = 0) -> list[str]:
+    """Cross-fitting by patient: the train and val patients cut into `folds` folds, stratified by class
+    (scikit-learn's StratifiedGroupKFold); fold `fold` becomes val, the rest train, and test stays test.
+    A measurement made on each fold's held-out patients with a model trained on the others covers every
+    train/val patient, not the few that one validation split holds."""
+    from sklearn.model_selection import StratifiedGroupKFold
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} is not one of 0..{folds - 1}")
+    idx = np.array([i for i, s in enumerate(splits) if s in ("train", "val")])
+    if len({groups[i] for i in idx}) < folds:
+        raise ValueError(f"fewer than {folds} train/val patient groups to cut into folds")
+    cut = StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(
+        idx, [labels[i] for i in idx], [groups[i] for i in idx])
+    held = idx[list(cut)[fold][1]]
+    out = ["train" if s in ("train", "val") else s for s in splits]
+    for i in held:
+        out[i] = "val"
+    return out
+
+
 def random_assign(n: int, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> list[str]:
     """Image-level random split: only to compare with published random-split numbers (it leaks)."""
     rng = np.random.default_rng(seed)
