@@ -22,9 +22,8 @@ from benchmarks.fields import pool_summary, simulate_sessions, single_patient_se
 from edge.card import atomic_write_text
 from edge.field import FieldOptions
 from edge.operating import operating_point
-from edge.parasitemia import COUNT_KEYS
 from edge.runtime import load_classifier
-from train.fieldpool import field_pool, field_spread
+from train.fieldpool import field_pool, field_spread, recut_counts
 
 LEVELS = (0.005, 0.02, 0.05)
 POOL_KEYS = ("labels", "probs", "crop_probs", "groups", "shared")
@@ -54,26 +53,6 @@ def fold_pools(model_path: Path, data_dir: Path, crops_root: Path, point: str = 
     return replace(opts, spread=(fs["sensitivity_var"], fs["specificity_var"])), pools
 
 
-def recut(pools: dict[float, dict], threshold: float) -> dict:
-    """Of the infected cells found in the pools: how many field mode called and how many their own crops."""
-    y = np.concatenate([p["labels"] for p in pools.values()]) == 1
-    field = np.concatenate([p["probs"] for p in pools.values()])[y] >= threshold
-    crops = np.concatenate([p["crop_probs"] for p in pools.values()])[y] >= threshold
-    return {"infected": int(y.sum()), "field_called": int(field.sum()), "crops_called": int(crops.sum()),
-            "kept": float(field.sum() / max(crops.sum(), 1))}
-
-
-def scaled(opts: FieldOptions, r: float) -> FieldOptions:
-    """The options with each validation patient's true positives scaled by r (the counts stay whole numbers and
-    still add up): the correction then divides by Se × r."""
-    def one(c):
-        tp = int(round(int(c["tp"]) * r))
-        return {**c, "tp": tp, "fn": int(c["tp"]) + int(c["fn"]) - tp}
-    by = tuple(one(b) for b in opts.by_patient)
-    counts = {k: sum(int(b[k]) for b in by) for k in COUNT_KEYS} if by else one(opts.counts)
-    return replace(opts, counts=counts, by_patient=by)
-
-
 def _slim(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("per_patient",)} for r in rows]
 
@@ -85,12 +64,15 @@ def run(folds: list[tuple[Path, Path]], crops_root: Path, out: Path, sessions: i
         log(f"fold {k}: {model_path.name} on {data_dir}")
         opts, pools = fold_pools(model_path, data_dir, crops_root, cache=out / f"pools_fold{k}.npz", log=log)
         read.append((opts, pools))
-    kept = [recut(p, o.threshold) for o, p in read]
+    kept = [recut_counts(list(p.values()), o.threshold) for o, p in read]
+    for x in kept:
+        x["kept"] = x["field_called"] / max(x["crops_called"], 1)
     res = {"folds": []}
     for k, (opts, pools) in enumerate(read):
         others = [kept[j] for j in range(len(read)) if j != k]
-        r_other = sum(x["field_called"] for x in others) / max(sum(x["crops_called"] for x in others), 1)
-        sc = scaled(opts, r_other)
+        rc = tuple(sum(x[c] for x in others) for c in ("field_called", "crops_called", "infected"))
+        r_other = rc[0] / max(rc[1], 1)
+        sc = replace(opts, recut=rc)  # the shipped estimator, scaled by what the other folds' re-cut kept
         data_dir, model_path = folds[k]
         split = json.loads((data_dir / "split.json").read_text())
         res["folds"].append({

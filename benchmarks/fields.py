@@ -23,7 +23,7 @@ from edge.detect import crop
 from edge.field import FieldOptions, analyze, classify_crops
 from edge.operating import describe, field_point, operating_point
 from edge.images import load_image
-from edge.parasitemia import estimate, rogan_gladen, sensitivity_specificity
+from edge.parasitemia import estimate, field_rates, rogan_gladen
 from edge.runtime import load_classifier
 from train.fieldpool import CONDITIONS, VARIANTS, field_pool, found_cells, patient_crops
 from train.fieldscore import GTPoint, contains, exif_orientation, read_point_set, score
@@ -68,7 +68,7 @@ def real_fields(root: Path, model, opts: FieldOptions, log=print, crops: list | 
                     else {k: tot_core[k] + v for k, v in s_core.__dict__.items()})
         log(f"  {img.name}: recall {s.recall:.4f}, precision {s.precision:.4f} ({s_core.precision:.4f} whole cells), "
             f"{res.positive}/{res.rbc} positive, {row['seconds']}")
-    e = estimate(session_pos, session_n, opts.counts, by_patient=opts.by_patient, spread=opts.spread)
+    e = estimate(session_pos, session_n, opts.counts, by_patient=opts.by_patient, spread=opts.spread, recut=opts.recut)
     return {"fields": out, "gt": tot["gt"], "found": tot["found"], "recall": tot["found"] / tot["gt"],
             "detections": tot["detections"], "precision": tot["correct"] / tot["detections"],
             "precision_whole_cells": tot_core["correct"] / tot_core["detections"],
@@ -208,10 +208,13 @@ def _draw(rng, pos: np.ndarray, neg: np.ndarray, share: float, n_cells: int) -> 
     return np.concatenate([rng.choice(pos, n_inf), rng.choice(neg, n_cells - n_inf)])
 
 
-def _scored(positive: int, n_cells: int, pi: float, opts: FieldOptions, seed: int) -> tuple[float, float, bool, float]:
+def _scored(positive: int, n_cells: int, pi: float, opts: FieldOptions, seed: int,
+            crops: bool = False) -> tuple[float, float, bool, float]:
     """A session's positive calls corrected as field mode corrects them, against the smear's true `pi`:
-    (error, raw error, whether the interval covers pi, its width), in points."""
-    e = estimate(positive, n_cells, opts.counts, draws=4000, seed=seed, by_patient=opts.by_patient, spread=opts.spread)
+    (error, raw error, whether the interval covers pi, its width), in points. crops: the calls were read from
+    the cells' own NIH crops, so the sensitivity is not scaled for field mode's re-cut."""
+    e = estimate(positive, n_cells, opts.counts, draws=4000, seed=seed, by_patient=opts.by_patient, spread=opts.spread,
+                 recut=(0, 0, 0) if crops else opts.recut)
     lo, hi = e.parasitemia_ci95
     return e.parasitemia_percent - 100 * pi, e.raw_percent - 100 * pi, lo <= 100 * pi <= hi, hi - lo
 
@@ -238,7 +241,8 @@ def simulate_sessions(pools: dict[float, dict], opts: FieldOptions, sessions: in
             cells = _draw(rng, pos, neg, share, n_cells)
             mc_seed = int(rng.integers(1 << 31))
             for k, probs in readings.items():
-                e, r, c, w = _scored(int((probs[cells] >= opts.threshold).sum()), n_cells, pi, opts, mc_seed)
+                e, r, c, w = _scored(int((probs[cells] >= opts.threshold).sum()), n_cells, pi, opts, mc_seed,
+                                     crops=k == "crops")
                 err[k].append(e)
                 raw_err[k].append(r)
                 cover[k].append(c)
@@ -301,7 +305,7 @@ def bias_over_patients(pool: dict, pi: float, opts: FieldOptions, n_cells: int =
     bootstrap): a pool holds a few hundred infected cells of some 16 patients, reused across its fields, and
     which patients they are moves the bias more than the sessions' own sampling does."""
     rng = np.random.default_rng(seed)
-    se, sp = sensitivity_specificity(opts.counts)
+    se, sp = field_rates(opts.counts, opts.recut)
     y, call = pool["labels"] == 1, pool["probs"] >= opts.threshold
     ids, patient = np.unique(pool["groups"], return_inverse=True)
 
@@ -495,7 +499,9 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
     opts = FieldOptions.at(point)
     from benchmarks.hardware import machine
     res = {"model": str(model_path), "operating_point": point.name, "threshold": point.threshold,
-           "counts": point.counts, "patients": len(point.by_patient), "point": describe(point),
+           "counts": point.counts, "patients": len(point.by_patient), "recut": list(point.recut),
+           "recut_source": ((model.card.operating_points[point.name].get("field_spread") or {}).get("recut") or {}).get("source"),
+           "point": describe(point),
            "screen": None if point.screen is None else point.screen.record(),
            "machine": machine()}
     log("real fields")
@@ -578,7 +584,11 @@ def markdown(r: dict) -> str:
               "counted cells from it, each class in the share the detector counted of it (a class it leaves out "
               "more often is under-counted), and are scored against the smear's parasitemia. The correction uses "
               f"the card's validation counts {r['counts']}"
-              + (f" and their spread over {r['patients']} validation patients" if r.get("patients") else "") + ".", "",
+              + (f" and their spread over {r['patients']} validation patients" if r.get("patients") else "")
+              + (f"; its sensitivity scaled by {r['recut'][0]}/{r['recut'][1]} = {r['recut'][0] / r['recut'][1]:.3f}, "
+                 f"field mode's calls over their own crops' of {r['recut'][2]} infected cells in synthetic fields "
+                 f"({r.get('recut_source') or 'of the validation patients'})"
+                 if r.get("recut") and r["recut"][1] else "") + ".", "",
               "| true parasitemia | sessions x cells | bias (pp) | bias, 95% interval over patients (pp) | MAE (pp) | binomial floor MAE (pp) | 95% CI coverage | mean CI width (pp) | raw bias (pp) | raw MAE (pp) | bias, the same cells read from their NIH crops (pp) |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in r["sessions"]:

@@ -262,7 +262,8 @@ def fields_tab(models: dict[str, Path]) -> None:
     lo, hi = e.parasitemia_ci95
     a, b, c = st.columns(3)
     a.metric("Parasitemia (corrected)", "n/a" if e.rbc_count == 0 else f"{e.parasitemia_percent:.2f}%",
-             help="Rogan–Gladen corrected for the model's validation sensitivity and specificity")
+             help="Rogan–Gladen corrected for the model's sensitivity (its validation sensitivity, scaled for what "
+                  "field mode's crops miss where the card measured it) and validation specificity")
     a.caption(f"95% interval {lo:.2f}–{hi:.2f}%")
     b.metric("Red cells counted", f"{e.rbc_count} / {opts.target_cells}")
     b.progress(min(1.0, e.rbc_count / opts.target_cells))

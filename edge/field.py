@@ -58,6 +58,7 @@ class FieldOptions:
     screen: Screen | None = None  # a screened operating point's fast first model
     by_patient: tuple = ()  # the counts per validation patient: the interval carries their spread
     spread: tuple[float, float] = (0.0, 0.0)  # the least between-patient variance of (Se, Sp): field mode's
+    recut: tuple[int, int, int] = (0, 0, 0)  # what field mode's crops keep of the sensitivity (OperatingPoint.recut)
 
     @classmethod
     def at(cls, point: OperatingPoint, **kw) -> "FieldOptions":
@@ -66,7 +67,7 @@ class FieldOptions:
         if point.complete_overlap and not det.complete_overlap:
             det = replace(det, complete_overlap=point.complete_overlap)
         return cls(point.threshold, point.counts, point.name, screen=point.screen, by_patient=point.by_patient,
-                   spread=point.spread, detect=det, **kw)
+                   spread=point.spread, recut=point.recut, detect=det, **kw)
 
 
 @dataclass
@@ -249,11 +250,12 @@ class Session:
 
     def estimate(self) -> Estimate:
         return estimate(self.positive, self.rbc, self.opts.counts, self.opts.rbc_per_ul, by_patient=self.opts.by_patient,
-                        spread=self.opts.spread)
+                        spread=self.opts.spread, recut=self.opts.recut)
 
     def confirmed_table(self) -> list[tuple[float, float, float]]:
         """The parasitemia for each number of this session's positive calls a reviewer may confirm."""
-        return (confirmed_table(self.positive, self.rbc, self.opts.counts, self.opts.by_patient, spread=self.opts.spread)
+        return (confirmed_table(self.positive, self.rbc, self.opts.counts, self.opts.by_patient, spread=self.opts.spread,
+                                recut=self.opts.recut)
                 if self.rbc else [])
 
     def summary(self, model: Loaded) -> dict:
@@ -275,6 +277,7 @@ class Session:
             "screen": None if self.opts.screen is None else self.opts.screen.record(),
             "temperature": model.card.temperature,
             "sensitivity_validation": _r(e.sensitivity), "specificity_validation": _r(e.specificity),
+            "sensitivity_used": _r(e.sensitivity_used),
             "method": e.method,
             "fields": [f.summary() for f in self.fields],
         }

@@ -40,6 +40,9 @@ class OperatingPoint:
     # synthetic fields of the validation patients (`malaria-edge evaluate --field-spread`), where the card has it
     spread: tuple[float, float] = (0.0, 0.0)
     complete_overlap: float = 0.0  # the card's field_crops: how field mode cuts cells for this model
+    # (field mode's calls, their own crops' calls, infected cells) on synthetic fields (field_spread's recut, with
+    # its source): what the re-cut keeps of the sensitivity; (0, 0, 0) where the card has none
+    recut: tuple[int, int, int] = (0, 0, 0)
 
 
 def field_point(model: Loaded) -> str:
@@ -68,6 +71,15 @@ def operating_point(model: Loaded, name: str, threads: int | None = None) -> Ope
     if not all(0 <= v < 0.25 for v in spread):  # a rate's variance is at most 0.25
         raise ModelError(f"{model.path.name}: the '{name}' point's field_spread {spread} is not a pair of variances "
                          f"of rates; re-run: malaria-edge evaluate {model.path} --field-spread --update-card")
+    rc = fs.get("recut") or {}
+    try:
+        recut = tuple(int(rc.get(k, 0)) for k in ("field_called", "crops_called", "infected"))
+    except (TypeError, ValueError, AttributeError):
+        recut = (-1, 0, 0)
+    if any(recut) and not (0 < recut[0] <= recut[2] and 0 < recut[1] <= recut[2]):
+        raise ModelError(f"{model.path.name}: the '{name}' point's field_spread recut {rc!r} is not field mode's and "
+                         f"the crops' calls of its infected cells; re-run: malaria-edge evaluate {model.path} "
+                         "--field-spread --update-card")
     try:
         overlap = float((model.card.field_crops or {}).get("complete_overlap", 0.0))
     except (TypeError, ValueError, AttributeError):
@@ -76,7 +88,7 @@ def operating_point(model: Loaded, name: str, threads: int | None = None) -> Ope
         raise ModelError(f"{model.path.name}: its card's field_crops {model.card.field_crops!r} is not "
                          "{'complete_overlap': a share of a cell diameter in [0, 0.5)}")
     return OperatingPoint(name, thr, dict(op["counts"]), load_screen(model, spec, thr, threads) if spec else None,
-                          by_patient, spread, overlap)
+                          by_patient, spread, overlap, recut)
 
 
 def load_screen(model: Loaded, spec: dict, threshold: float, threads: int | None = None) -> Screen:

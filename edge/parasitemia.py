@@ -17,6 +17,14 @@ moments), so the interval also carries how far this patient's rates may lie from
 mode the rates differ between patients more than on their crops (the re-cut costs some patients more than
 others); where the card has that spread, measured on synthetic fields of the validation patients
 (`field_spread`), the larger of the two is drawn with.
+
+Field mode also reads infected cells less often than their own crops: the crop it cuts from a field leaves
+out the part of a touching cell the split gave to its neighbour, where a parasite on the rim often is.
+Where the card has it (`field_spread`'s `recut`: on synthetic fields, how many of the found infected cells
+field mode called and how many their own crops were called; for the shipped model cross-fitted over every
+train/val patient, `benchmarks/crossfit.py`), sensitivity is scaled by that share, whose sampling is drawn
+with the rest. Specificity is not scaled: on the real healthy
+slide field mode's false-positive rate is no higher than the card's.
 """
 from __future__ import annotations
 
@@ -41,6 +49,7 @@ class Estimate:
     sensitivity: float  # of the operating point, on validation
     specificity: float
     method: str
+    sensitivity_used: float | None = None  # what the correction divided by: the above times what the re-cut keeps
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -53,6 +62,18 @@ def sensitivity_specificity(counts: dict) -> tuple[float, float]:
     """The rates an operating point's confusion counts {tp, fn, tn, fp} give."""
     tp, fn, tn, fp = (int(counts[k]) for k in COUNT_KEYS)
     return tp / (tp + fn), tn / (tn + fp)
+
+
+def field_rates(counts: dict, recut: tuple[int, int, int] = (0, 0, 0)) -> tuple[float, float]:
+    """(Se, Sp) the correction uses: the operating point's, Se scaled by what field mode's crops keep of it
+    (recut: field mode's calls, their own crops' calls, infected cells; (0, 0, 0): not scaled)."""
+    se, sp = sensitivity_specificity(counts)
+    called_field, called_crops, infected = (int(v) for v in recut)
+    if not called_crops:
+        return se, sp
+    if not (0 < called_field <= infected and called_crops <= infected):
+        raise ValueError(f"the re-cut counts {recut} are not (field calls, crop calls, infected cells)")
+    return se * called_field / called_crops, sp
 
 
 def rogan_gladen(q, se, sp):
@@ -99,32 +120,38 @@ def patient_variances(by_patient: list[dict] | tuple) -> tuple[float, float]:
 
 def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL, draws: int = 20_000,
              seed: int = 0, by_patient: list[dict] | tuple = (), confirmed: bool = False,
-             spread: tuple[float, float] = (0.0, 0.0)) -> Estimate:
+             spread: tuple[float, float] = (0.0, 0.0), recut: tuple[int, int, int] = (0, 0, 0)) -> Estimate:
     """Corrected parasitemia of `positive` calls among `n` red cells. `counts` are the operating point's
     validation confusion counts {tp, fn, tn, fp}; `by_patient`, where given, the same per validation
     patient (they must add up to `counts`). spread: the least between-patient variance of (Se, Sp) to
     draw this patient's rates with (the card's `field_spread`: how far field mode's rates differ between
     validation patients, more than their crops' do). confirmed: the positives are calls a microscopist
     confirmed, so none is a false positive (Sp = 1) and only the infected cells the classifier missed are
-    corrected for: p = q / Se."""
+    corrected for: p = q / Se. recut: (field mode's calls, their own crops' calls, infected cells) on
+    synthetic fields (the card's field_spread): Se is scaled by the first over the second; (0, 0, 0): not."""
     if n < 0 or not 0 <= positive <= max(n, 0):
         raise ValueError(f"need 0 <= positive <= n, got {positive} of {n}")
     tp, fn, tn, fp = (int(counts[k]) for k in COUNT_KEYS)
     if tp + fn == 0 or tn + fp == 0:
         raise ValueError("the operating point's counts need both infected and uninfected validation cells")
-    se, sp = sensitivity_specificity(counts)
+    se_validation = sensitivity_specificity(counts)[0]
+    se, sp = field_rates(counts, recut)
+    called_field, called_crops, infected = (int(v) for v in recut)
     if confirmed:
         sp = 1.0
     if se + sp <= 1:
         raise ValueError(f"sensitivity {se:.3f} + specificity {sp:.3f} <= 1: the classifier cannot be corrected for")
     if n == 0:
         return Estimate(0, 0, float("nan"), float("nan"), (0.0, 100.0), float("nan"), (0.0, rbc_per_ul), rbc_per_ul,
-                        se, sp, "no red cells counted")
+                        se_validation, sp, "no red cells counted", se)
     q = positive / n
     point = float(np.clip(rogan_gladen(q, se, sp), 0, 1))
     rng = np.random.default_rng(seed)
     q_s = rng.beta(positive + 0.5, n - positive + 0.5, draws)
     se_s = rng.beta(tp + 0.5, fn + 0.5, draws)
+    if called_crops:
+        se_s = np.minimum(1.0, se_s * rng.beta(called_field + 0.5, infected - called_field + 0.5, draws)
+                          / rng.beta(called_crops + 0.5, infected - called_crops + 0.5, draws))
     sp_s = np.ones(draws) if confirmed else rng.beta(tn + 0.5, fp + 0.5, draws)
     var_se, var_sp = spread
     if by_patient:
@@ -151,18 +178,22 @@ def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL
         method = "no positive call: 0, upper bound by the rule of three over sensitivity, 3/(n*Se)"
     elif point == 0:  # no more positives than false positives explain: as uncertain as finding none
         hi = max(hi, min(1.0, 3.0 / (n * se)))
+    if called_crops:
+        method += (f"; Se scaled by {called_field / called_crops:.3f}, what field mode's crops keep of the cells' own "
+                   "crops' calls on synthetic fields")
     lo, hi = min(lo, point), max(hi, point)
     pct = (100 * point, (100 * lo, 100 * hi))
     return Estimate(n, positive, 100 * q, pct[0], pct[1], point * rbc_per_ul, (lo * rbc_per_ul, hi * rbc_per_ul),
-                    rbc_per_ul, se, sp, method)
+                    rbc_per_ul, se_validation, sp, method, se)
 
 
 def confirmed_table(calls: int, n: int, counts: dict, by_patient: list[dict] | tuple = (), draws: int = 10_000,
-                    spread: tuple[float, float] = (0.0, 0.0)) -> list[tuple[float, float, float]]:
+                    spread: tuple[float, float] = (0.0, 0.0),
+                    recut: tuple[int, int, int] = (0, 0, 0)) -> list[tuple[float, float, float]]:
     """(percent, low, high) for 0..calls of a session's positive calls confirmed by a microscopist among its
     n red cells: what the report's review shows as the reviewer confirms or rejects each call."""
     rows = []
     for k in range(calls + 1):
-        e = estimate(k, n, counts, draws=draws, by_patient=by_patient, confirmed=True, spread=spread)
+        e = estimate(k, n, counts, draws=draws, by_patient=by_patient, confirmed=True, spread=spread, recut=recut)
         rows.append((e.parasitemia_percent, *e.parasitemia_ci95))
     return rows

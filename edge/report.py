@@ -117,7 +117,7 @@ function update() {
   document.getElementById('rv-result').textContent = (c + j) === 0 ? '' :
     'Confirmed parasitemia ' + fmt(t[0]) + '% (95% interval ' + fmt(t[1]) + '-' + fmt(t[2]) + '%), ' + ul(t[0]) +
     ' parasites/µL (' + ul(t[1]) + '-' + ul(t[2]) + ', assuming ' + ul(100) + ' red cells/µL): ' + c +
-    ' confirmed of ' + R.rbc + ' red cells, over the validation sensitivity ' + R.se +
+    ' confirmed of ' + R.rbc + ' red cells, over the sensitivity ' + R.se +
     ' (the infected cells the classifier misses); the calls you rejected count as its false positives.' +
     (left ? ' ' + left + ' calls not yet reviewed are not counted in it.' : '');
   try { localStorage.setItem(KEY, JSON.stringify(d)); } catch (e) {}
@@ -197,7 +197,7 @@ def write_html(out: Path, summary: dict, overlays: list[tuple[str, str]],
                      f"P(parasitized) {prob:.3f}<br>{verdict}</div>")
     review = script = ""
     if confirmed and e["rbc_count"]:
-        data = {"id": review_id(e, gallery), "rbc": e["rbc_count"], "se": e["sensitivity_validation"],
+        data = {"id": review_id(e, gallery), "rbc": e["rbc_count"], "se": e.get("sensitivity_used") or e["sensitivity_validation"],
                 "rbc_per_ul": e["rbc_per_ul_assumed"],
                 "table": [[round(v, 4) for v in row] for row in confirmed]}
         review = ("<div class='review'><b>Your review</b> (confirm or reject each positive cell below; kept in this "
@@ -206,6 +206,9 @@ def write_html(out: Path, summary: dict, overlays: list[tuple[str, str]],
                   "<button id='rv-download'>Download the review (CSV)</button></div>")
         script = (f"<script id='review-data' type='application/json'>{json.dumps(data)}</script>"
                   f"<script>{REVIEW_JS}</script>")
+    used, se_val = e.get("sensitivity_used"), e["sensitivity_validation"]
+    kept = ("" if not used or not se_val or abs(used - se_val) < 1e-4 else
+            f", scaled to {used} for the infected cells field mode's crops miss against their own crops")
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>malaria-edge session report</title>
 <style>body{{font-family:sans-serif;margin:1.5em;max-width:1400px}} .big{{font-size:1.6em}}
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px}} .rejected,.error{{color:#b00}}
@@ -224,7 +227,7 @@ parasites/µL (interval {e['parasites_per_ul_ci95'][0]:,.0f}–{e['parasites_per
 target {e['target_cells']} red cells: {target}. Fields counted {e['fields_counted']}, rejected {e['fields_rejected']},
 failed {e['fields_failed']}. Median cell diameter {e['cell_diameter_px_median']} px.</p>
 <p>The estimate corrects the raw share for the classifier's errors at the <b>{e['operating_point']}</b> operating point
-(threshold {e['threshold']:.3f}; validation sensitivity {e['sensitivity_validation']}, specificity
+(threshold {e['threshold']:.3f}; validation sensitivity {e['sensitivity_validation']}{kept}, specificity
 {e['specificity_validation']}). The interval includes the sampling of cells and the uncertainty of those two rates;
 it assumes this smear looks like the validation cells. Model {html.escape(e['model'])}{screen}. {html.escape(e['method'])}.</p>
 {review}

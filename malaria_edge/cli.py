@@ -7,6 +7,7 @@ TensorFlow is imported only inside the subcommands that need it, so `--help`, `d
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -304,6 +305,10 @@ def label_issues_cmd(data_dir, out, folds, epochs, patience, seed):
 @click.option("--crops", "crops_root", type=click.Path(path_type=Path, file_okay=False),
               default=Path("../shared/data/nih_malaria_dev"), show_default=True,
               help="With --field-spread: the folder `data prepare` read (the crops synthetic fields are built from).")
+@click.option("--recut-from", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="With --field-spread: take the share of the sensitivity field mode's re-cut keeps from this "
+                   "cross-fitted measurement (benchmarks/results/crossfit/crossfit.json: every train/val patient) "
+                   "instead of the validation patients' fields alone.")
 @click.option("--update-card", is_flag=True,
               help="Write the chosen threshold, operating points or temperature into the model card.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write metrics JSON here.")
@@ -311,7 +316,7 @@ def label_issues_cmd(data_dir, out, folds, epochs, patience, seed):
 @click.option("--plots", type=click.Path(path_type=Path), default=None, help="Folder for confusion matrix and ROC PNGs.")
 @_fail_cleanly
 def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitivity, operating_points, screen_path,
-                 calibrate, field_spread, crops_root, update_card, json_path, predictions, plots):
+                 calibrate, field_spread, crops_root, recut_from, update_card, json_path, predictions, plots):
     """Accuracy, precision, recall, specificity, F1, AUC, MCC with patient-bootstrap 95% CIs.
 
     MODEL_PATH is a .keras file or an exported .tflite/.onnx (run through the edge runtime).
@@ -329,7 +334,7 @@ def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitiv
     if screen_path and not operating_points:
         raise click.UsageError("--screen sets the counting-fast operating point: add --operating-points")
     if field_spread:
-        _field_spread(model_path, data_dir, crops_root, update_card)
+        _field_spread(model_path, data_dir, crops_root, update_card, recut_from)
         return
     if calibrate or operating_points:
         from train.evaluate import fit_calibration, set_operating_points, val_test_probs
@@ -379,7 +384,8 @@ def evaluate_cmd(model_path, data_dir, split, folder, threshold, target_sensitiv
         click.echo(f"threshold written to {model_path.name}'s card")
 
 
-def _field_spread(model_path: Path, data_dir: Path, crops_root: Path, update_card: bool) -> None:
+def _field_spread(model_path: Path, data_dir: Path, crops_root: Path, update_card: bool,
+                  recut_from: Path | None = None) -> None:
     """Field mode's between-patient spread at each of the card's counting points, on the validation patients."""
     from edge.card import read_card, write_card
     from edge.field import FieldOptions
@@ -390,6 +396,7 @@ def _field_spread(model_path: Path, data_dir: Path, crops_root: Path, update_car
         raise click.UsageError(f"--field-spread {model_path}: field mode runs an exported .tflite/.onnx artifact")
     if not crops_root.is_dir():
         raise click.UsageError(f"--crops {crops_root}: no such folder (the crops `data prepare` read)")
+    crossfit = _crossfit_recut(recut_from) if recut_from is not None else None
     model = load_classifier(model_path)
     ops = model.card.operating_points or {}
     points = [n for n in ("counting", FAST) if n in ops]
@@ -401,13 +408,30 @@ def _field_spread(model_path: Path, data_dir: Path, crops_root: Path, update_car
         pools = [field_pool(data_dir, crops_root, model, opts, split="val", parasitemia=pi,
                             log=lambda m: click.echo(m, err=True)) for pi in (0.005, 0.02, 0.05)]
         fs = field_spread(pools, opts.threshold)
+        if crossfit is not None:
+            fs["recut"] = crossfit
         card.operating_points[name]["field_spread"] = fs
+        rc = fs["recut"]
         click.echo(f"{name}: field mode's between-patient SD over {fs['patients']} validation patients: sensitivity "
                    f"{fs['sensitivity_var'] ** 0.5:.3f}, specificity {fs['specificity_var'] ** 0.5:.4f} "
-                   f"({fs['infected']} infected and {fs['uninfected']} uninfected cells in {fs['fields']} fields)")
+                   f"({fs['infected']} infected and {fs['uninfected']} uninfected cells in {fs['fields']} fields); "
+                   f"field mode called {rc['field_called']} of {rc['infected']} infected cells, their own crops "
+                   f"{rc['crops_called']} ({rc.get('source', 'these validation fields')}): sensitivity scaled by "
+                   f"{rc['field_called'] / max(rc['crops_called'], 1):.3f}")
     if update_card:
         write_card(model_path, card)
         click.echo(f"field spread written to {model_path.name}'s card")
+
+
+def _crossfit_recut(path: Path) -> dict:
+    """The pooled re-cut counts of a `python -m benchmarks.crossfit` run, with where they came from."""
+    try:
+        res = json.loads(path.read_text())
+        rc = {k: int(res["recut_pooled"][k]) for k in ("field_called", "crops_called", "infected")}
+        folds = len(res["folds"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise click.UsageError(f"--recut-from {path}: not a crossfit.json ({type(e).__name__}: {e})") from None
+    return {**rc, "source": f"cross-fitted over {folds} patient folds of the train/val patients ({path.as_posix()})"}
 
 
 def _screened(model_path: Path, screen_path: Path, data_dir: Path, sets: dict, counting: dict) -> dict:

@@ -262,6 +262,19 @@ def test_estimator_corrects_with_rogan_gladen():
     assert e.parasites_per_ul == pytest.approx(e.parasitemia_percent / 100 * 5e6)
 
 
+def test_estimator_scales_sensitivity_by_what_field_modes_crops_keep_of_it():
+    # field mode called 80 of 100 infected validation-field cells whose own crops were called 90 times: Se 0.9 * 8/9
+    e = estimate(100, 1000, {"tp": 90, "fn": 10, "tn": 95, "fp": 5}, recut=(80, 90, 100))
+    assert e.sensitivity == pytest.approx(0.9) and e.sensitivity_used == pytest.approx(0.8)
+    assert e.parasitemia_percent == pytest.approx(100 * (0.1 + 0.95 - 1) / (0.8 + 0.95 - 1))
+    lo, hi = e.parasitemia_ci95
+    plain = estimate(100, 1000, {"tp": 90, "fn": 10, "tn": 95, "fp": 5})
+    assert lo < e.parasitemia_percent < hi and hi - lo > plain.parasitemia_ci95[1] - plain.parasitemia_ci95[0]
+    assert estimate(0, 2000, COUNTS, recut=(80, 90, 100)).parasitemia_ci95[1] == pytest.approx(100 * 3 / (2000 * 0.8))
+    with pytest.raises(ValueError, match="re-cut counts"):
+        estimate(100, 1000, COUNTS, recut=(120, 90, 100))
+
+
 def test_estimator_with_no_positive_gives_rule_of_three_bound():
     e = estimate(0, 2000, COUNTS)
     assert e.parasitemia_percent == 0 and e.parasitemia_ci95[0] == 0
@@ -377,12 +390,15 @@ def test_field_spread_is_the_patients_spread_of_field_modes_rates_beyond_samplin
             o = k * 11 * n
             p[o:o + round(se * n)] = 1
             p[o + n:o + n + n // 10] = 1
+        crops = np.where(y == 1, 0.9, 0.0)  # their own crops: every infected cell called, no uninfected one
         return {"labels": y, "probs": p, "groups": np.array(["A"] * 11 * n + ["B"] * 11 * n), "parasitemia": 0.05,
-                "fields": 1}
+                "fields": 1, "crop_probs": crops}
     alike, apart = field_spread([pool(0.8, 0.8)], 0.5), field_spread([pool(0.6, 1.0)], 0.5)
     assert alike["sensitivity_var"] == 0 and alike["specificity_var"] == 0 and alike["patients"] == 2
     # Se 0.6 and 1.0: their variance (n - 1 = 1) is 0.08, less what 400 cells each explain, 0.8 * 0.2 / 400
     assert apart["sensitivity_var"] == pytest.approx(0.08 - 0.0004, abs=1e-4) and apart["infected"] == 800
+    # what the re-cut keeps: field mode called 240 + 400 of the 800 infected cells, their crops all 800
+    assert apart["recut"] == {"field_called": 640, "crops_called": 800, "infected": 800}
 
 
 def test_estimator_refuses_per_patient_counts_that_do_not_add_up():
@@ -590,8 +606,9 @@ def test_the_reports_review_gives_the_parasitemia_of_the_confirmed_calls(field_r
     s = json.loads((_session(out) / "session.json").read_text())
     pos = _positives(out)
     assert len(pos) >= 2  # the example photo: the healthy slide's cells the classifier calls
-    counts = json.loads(FIELD_MODEL.with_name(FIELD_MODEL.name + ".card.json").read_text())["operating_points"][
-        s["operating_point"]]["counts"]
+    op = json.loads(FIELD_MODEL.with_name(FIELD_MODEL.name + ".card.json").read_text())["operating_points"][
+        s["operating_point"]]
+    counts, rc = op["counts"], op["field_spread"]["recut"]
     driver = report_page
     cards = driver.find_elements(By.CSS_SELECTOR, ".cell")
     assert [int(c.get_attribute("data-cell")) for c in cards] == [r["cell"] for r in pos]
@@ -600,7 +617,8 @@ def test_the_reports_review_gives_the_parasitemia_of_the_confirmed_calls(field_r
     for c in cards[1:]:
         c.find_element(By.CSS_SELECTOR, "input[value=rejected]").click()
     text = driver.find_element(By.ID, "rv-result").text
-    pct = 100 / (s["rbc_count"] * counts["tp"] / (counts["tp"] + counts["fn"]))  # one cell over sensitivity
+    # one cell over sensitivity: the validation one, times what field mode's crops keep of it
+    pct = 100 / (s["rbc_count"] * counts["tp"] / (counts["tp"] + counts["fn"]) * rc["field_called"] / rc["crops_called"])
     assert text.startswith(f"Confirmed parasitemia {pct:.2f}% (95% interval ")
     per_ul = round(float(text.split("), ")[1].split(" parasites/µL")[0].replace(",", "")))
     assert per_ul == pytest.approx(pct / 100 * s["rbc_per_ul_assumed"], abs=0.01 / 100 * s["rbc_per_ul_assumed"])

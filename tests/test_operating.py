@@ -179,6 +179,17 @@ def test_field_mode_reads_field_modes_spread_and_refuses_one_that_is_not_a_varia
         Classifier.load(path, mode="field")
 
 
+def test_field_mode_scales_sensitivity_as_the_card_measured_and_refuses_counts_that_are_not(tmp_path):
+    rc = Classifier.load(MNV2, mode="field").model.card.operating_points[FAST]["field_spread"]["recut"]
+    point = Classifier.load(MNV2, mode="field").point
+    assert point.recut == (rc["field_called"], rc["crops_called"], rc["infected"]) and 0 < rc["field_called"] < rc["infected"]
+    from edge.field import FieldOptions
+    assert FieldOptions.at(point).recut == point.recut
+    bad = _copy(tmp_path, lambda c: c["operating_points"][FAST]["field_spread"]["recut"].update(field_called=10 ** 6))
+    with pytest.raises(ModelError, match="recut"):
+        Classifier.load(bad, mode="field")
+
+
 def test_field_mode_cuts_cells_as_the_card_says_its_model_was_trained_and_refuses_a_nonsense_value(tmp_path):
     from edge.field import FieldOptions
     from edge.detect import DetectParams
@@ -205,7 +216,29 @@ def test_evaluate_field_spread_measures_it_on_the_validation_patients_fields_and
     for name in ("counting", FAST):
         fs = ops[name]["field_spread"]
         assert fs["patients"] >= 2 and fs["infected"] > 0 and 0 <= fs["sensitivity_var"] < 0.25
-    assert "field mode's between-patient SD" in res.stdout
+        assert fs["recut"]["infected"] == fs["infected"] and fs["recut"]["crops_called"] <= fs["infected"]
+    assert "field mode's between-patient SD" in res.stdout and "sensitivity scaled by" in res.stdout
+
+
+def test_evaluate_field_spread_takes_the_recut_share_from_a_crossfit_run_and_refuses_another_file(tmp_path, prepared):
+    from tests.conftest import CELLS
+    path = _copy(tmp_path, lambda c: [op.pop("field_spread", None) for op in c["operating_points"].values()])
+    cf = tmp_path / "crossfit.json"
+    cf.write_text(json.dumps({"folds": [{}, {}, {}, {}],
+                              "recut_pooled": {"field_called": 2672, "crops_called": 3203, "infected": 4120}}))
+    junk = tmp_path / "junk.json"
+    junk.write_text("{}")
+    args = ["-m", "malaria_edge", "evaluate", str(path), "--field-spread", "--data", str(prepared), "--crops", str(CELLS)]
+    bad = run(args + ["--recut-from", str(junk)])
+    assert bad.returncode == 2 and "not a crossfit.json" in bad.stderr and "Traceback" not in bad.stderr
+    res = run(args + ["--recut-from", str(cf), "--update-card"])
+    assert res.returncode == 0, res.stderr
+    for op in json.loads(path.with_name(path.name + ".card.json").read_text())["operating_points"].values():
+        if "field_spread" in op:
+            rc = op["field_spread"]["recut"]
+            assert (rc["field_called"], rc["crops_called"], rc["infected"]) == (2672, 3203, 4120)
+            assert "4 patient folds" in rc["source"]
+    assert "sensitivity scaled by 0.834" in res.stdout
 
 
 def test_evaluate_field_spread_needs_an_exported_artifact(tmp_path):

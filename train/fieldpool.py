@@ -91,11 +91,21 @@ def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, spli
             "infected_crops": infected_crops}  # patient group -> its infected crops the fields draw from
 
 
+def recut_counts(pools: list[dict], threshold: float) -> dict:
+    """Of the pools' infected cells found: how many field mode called, and how many their own NIH crops were
+    called by the same rule. Their ratio is the share of the sensitivity the re-cut keeps."""
+    infected = np.concatenate([p["labels"] for p in pools]) == 1
+    called = {k: int((np.concatenate([p[k] for p in pools])[infected] >= threshold).sum()) for k in ("probs", "crop_probs")}
+    return {"field_called": called["probs"], "crops_called": called["crop_probs"], "infected": int(infected.sum())}
+
+
 def field_spread(pools: list[dict], threshold: float) -> dict:
     """How far field mode's sensitivity and specificity differ between patients beyond the sampling of their
     cells (beta-binomial, method of moments), from pools of synthetic fields of the validation patients,
     each patient's cells counted over all the pools. Each patient group lays its few infected crops many
-    times, so its cells are not independent and this errs wide: the interval it feeds errs conservative."""
+    times, so its cells are not independent and this errs wide: the interval it feeds errs conservative.
+    With it, `recut`: how many of the pools' infected cells field mode called and how many their own NIH crops
+    were called by the same rule (the sensitivity the re-cut keeps, which the correction scales by)."""
     from edge.metrics import operating_point
     from edge.parasitemia import patient_variances
     by_patient = operating_point(np.concatenate([p["labels"] for p in pools]),
@@ -103,6 +113,7 @@ def field_spread(pools: list[dict], threshold: float) -> dict:
                                  groups=np.concatenate([p["groups"] for p in pools]))["counts_by_patient"]
     var_se, var_sp = patient_variances(by_patient)
     return {"sensitivity_var": var_se, "specificity_var": var_sp, "patients": len(by_patient),
+            "recut": recut_counts(pools, threshold),
             "infected": sum(b["tp"] + b["fn"] for b in by_patient),
             "uninfected": sum(b["tn"] + b["fp"] for b in by_patient),
             "parasitemia_levels": [p["parasitemia"] for p in pools], "fields": int(sum(p["fields"] for p in pools))}
