@@ -23,8 +23,8 @@ out the part of a touching cell the split gave to its neighbour, where a parasit
 Where the card has it (`field_spread`'s `recut`: on synthetic fields, how many of the found infected cells
 field mode called and how many their own crops were called; for the shipped model cross-fitted over every
 train/val patient, `benchmarks/crossfit.py`), sensitivity is scaled by that share, whose sampling is drawn
-with the rest. Specificity is not scaled: on the real healthy
-slide field mode's false-positive rate is no higher than the card's.
+with the rest. Specificity is not scaled: on the real healthy slide field mode's false-positive rate is no
+higher than the card's.
 """
 from __future__ import annotations
 
