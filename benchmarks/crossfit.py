@@ -8,6 +8,7 @@ share of its crops' sensitivity field mode's re-cut keeps. The rule this serves 
 benchmarks/results/crossfit/CRITERION.md.
 
     python -m benchmarks.crossfit --fold FOLD_DIR MODEL.tflite [--fold ...] --out benchmarks/results/crossfit
+                                  [--cache runs/crossfit]
 """
 from __future__ import annotations
 
@@ -57,12 +58,15 @@ def _slim(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("per_patient",)} for r in rows]
 
 
-def run(folds: list[tuple[Path, Path]], crops_root: Path, out: Path, sessions: int = 200, log=print) -> dict:
+def run(folds: list[tuple[Path, Path]], crops_root: Path, out: Path, cache: Path, sessions: int = 200,
+        log=print) -> dict:
+    """cache: where each fold's pools are kept (by fold and model), so the sessions can be re-run without them."""
     out.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     read = []
     for k, (data_dir, model_path) in enumerate(folds):
         log(f"fold {k}: {model_path.name} on {data_dir}")
-        opts, pools = fold_pools(model_path, data_dir, crops_root, cache=out / f"pools_fold{k}.npz", log=log)
+        opts, pools = fold_pools(model_path, data_dir, crops_root, cache=cache / f"pools_fold{k}_{model_path.stem}.npz", log=log)
         read.append((opts, pools))
     kept = [recut_counts(list(p.values()), o.threshold) for o, p in read]
     for x in kept:
@@ -162,8 +166,10 @@ def markdown(res: dict) -> str:
               default=Path("../shared/data/nih_malaria_dev"), show_default=True)
 @click.option("--sessions", default=200, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/results/crossfit"), show_default=True)
-def main(folds, crops_root, sessions, out):
-    res = run(list(folds), crops_root, out, sessions)
+@click.option("--cache", type=click.Path(path_type=Path), default=Path("runs/crossfit"), show_default=True,
+              help="Where each fold's field pools are kept (the slow part), by fold and model.")
+def main(folds, crops_root, sessions, out, cache):
+    res = run(list(folds), crops_root, out, cache, sessions)
     click.echo(markdown(res))
 
 
