@@ -24,16 +24,17 @@ from edge.card import atomic_write_text
 from edge.field import FieldOptions
 from edge.operating import operating_point
 from edge.runtime import load_classifier
-from train.fieldpool import field_pool, field_spread, recut_counts
+from train.fieldpool import field_pool, field_spread
 
 LEVELS = (0.005, 0.02, 0.05)
 POOL_KEYS = ("labels", "probs", "crop_probs", "groups", "shared")
 
 
 def fold_pools(model_path: Path, data_dir: Path, crops_root: Path, point: str = "counting", fields_per_group: int = 3,
-               cache: Path | None = None, log=print) -> tuple[FieldOptions, dict[float, dict]]:
+               cache: Path | None = None, log=print) -> tuple[FieldOptions, dict[float, dict], dict]:
     """The fold model's options at `point` (its spread measured on these pools, as `evaluate --field-spread`
-    measures it on validation's) and its pools, read from `cache` (.npz) where it was written before."""
+    measures it on validation's), its pools, read from `cache` (.npz) where it was written before, and what
+    field mode's re-cut kept of their infected cells' calls (`field_spread`'s recut)."""
     model = load_classifier(model_path)
     opts = FieldOptions.at(operating_point(model, point))
     if cache is not None and cache.exists():
@@ -51,7 +52,7 @@ def fold_pools(model_path: Path, data_dir: Path, crops_root: Path, point: str = 
             np.savez_compressed(tmp, meta=json.dumps(meta, default=float), **arrays)
             tmp.replace(cache)
     fs = field_spread(list(pools.values()), opts.threshold)
-    return replace(opts, spread=(fs["sensitivity_var"], fs["specificity_var"])), pools
+    return replace(opts, spread=(fs["sensitivity_var"], fs["specificity_var"])), pools, fs["recut"]
 
 
 def _slim(rows: list[dict]) -> list[dict]:
@@ -63,14 +64,13 @@ def run(folds: list[tuple[Path, Path]], crops_root: Path, out: Path, cache: Path
     """cache: where each fold's pools are kept (by fold and model), so the sessions can be re-run without them."""
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
-    read = []
+    read, kept = [], []
     for k, (data_dir, model_path) in enumerate(folds):
         log(f"fold {k}: {model_path.name} on {data_dir}")
-        opts, pools = fold_pools(model_path, data_dir, crops_root, cache=cache / f"pools_fold{k}_{model_path.stem}.npz", log=log)
+        opts, pools, rc = fold_pools(model_path, data_dir, crops_root, log=log,
+                                     cache=cache / f"pools_fold{k}_{model_path.stem}.npz")
         read.append((opts, pools))
-    kept = [recut_counts(list(p.values()), o.threshold) for o, p in read]
-    for x in kept:
-        x["kept"] = x["field_called"] / max(x["crops_called"], 1)
+        kept.append({**rc, "kept": rc["field_called"] / max(rc["crops_called"], 1)})
     res = {"folds": []}
     for k, (opts, pools) in enumerate(read):
         others = [kept[j] for j in range(len(read)) if j != k]

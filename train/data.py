@@ -206,14 +206,14 @@ def write_fold(prepared: Path, out: Path, fold: int, folds: int = 4, seed: int =
         except OSError:  # another file system
             os.symlink(cache, staging / cache.name)
         (staging / "manifest.csv").write_text(manifest_text([{**r, "split": s} for r, s in zip(rows, splits)]))
-        info = json.loads(splitlib.split_json("patient", seed, d.split_info.get("fractions", []),
-                                              d.relpaths, splits, labels, d.groups))
-        info.update(note=f"patient-grouped cross-fitting: fold {fold} of {folds} of the train and val patients "
-                         f"of {prepared} is val, the other folds train; test unchanged",
-                    fold=fold, folds=folds, source_hash=d.split_info.get("hash"),
-                    val_groups=sorted({g for g, s in zip(d.groups, splits) if s == "val"}))
-        (staging / "split.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info["summary"]
+        text = splitlib.split_json(
+            "patient", seed, d.split_info.get("fractions", []), d.relpaths, splits, labels, d.groups,
+            note=f"patient-grouped cross-fitting: fold {fold} of {folds} of the train and val patients of {prepared} "
+                 "is val, the other folds train; test unchanged",
+            fold=fold, folds=folds, source_hash=d.split_info.get("hash"),
+            val_groups=sorted({g for g, s in zip(d.groups, splits) if s == "val"}))
+        (staging / "split.json").write_text(text)
+    return json.loads(text)["summary"]
 
 
 def manifest_text(rows: list[dict]) -> str:

@@ -108,7 +108,8 @@ def summarize(splits: list[str], labels: list[str], groups: list[str]) -> dict:
     return out
 
 
-def split_json(kind: str, seed: int, fractions, relpaths, splits, labels, groups) -> str:
+def split_json(kind: str, seed: int, fractions, relpaths, splits, labels, groups, **extra) -> str:
+    """split.json's text; extra: fields added or replaced (a cross-fitting fold's note, fold and patients)."""
     return json.dumps(
         {
             "kind": kind,
@@ -119,6 +120,7 @@ def split_json(kind: str, seed: int, fractions, relpaths, splits, labels, groups
             "fractions": list(fractions),
             "hash": split_hash(relpaths, splits),
             "summary": summarize(splits, labels, groups),
+            **extra,
         },
         indent=2,
     ) + "\n"
