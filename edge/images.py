@@ -6,12 +6,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # A cell crop is a few hundred pixels wide; a field image a few thousand. Anything past this is
 # a decompression bomb or a mistake, and decoding it would exhaust a Raspberry Pi's memory.
 MAX_PIXELS = 50_000_000
+EXIF_ORIENTATION = 0x0112
 GREY_CHROMA = 3.0  # below: a grayscale or monochrome picture (0, or 1-2 after JPEG); every NIH crop has at least 5
 
 
@@ -38,7 +39,18 @@ def to_rgb8(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, rgba)
-    return np.asarray(img.convert("RGB"))
+    return _pixels(img if img.mode == "RGB" else img.convert("RGB"))
+
+
+def _pixels(img: Image.Image) -> np.ndarray:
+    """An RGB image's pixels, a band of rows at a time: np.asarray of a whole image holds two more copies of
+    it at once (Pillow's tobytes joins its chunks), 100 MB more at the peak for a 16 MP photo."""
+    w, h = img.size
+    out = np.empty((h, w, 3), np.uint8)
+    band = max(1, (1 << 22) // (3 * w))
+    for y in range(0, h, band):
+        out[y:y + band] = np.asarray(img.crop((0, y, w, min(h, y + band))))
+    return out
 
 
 def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -55,7 +67,7 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS)
             if w < 1 or h < 1:
                 raise ImageError(f"{name}: image has no pixels")
             img.load()
-            img = ImageOps.exif_transpose(img)  # as displayed: phone photos through an eyepiece are rotated
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -68,7 +80,21 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS)
         raise ImageError(f"{name}: {reason}") from None
     except (ValueError, SyntaxError, EOFError) as e:
         raise ImageError(f"{name}: corrupt image ({e})") from None
-    return to_rgb8(img)
+    rgb = to_rgb8(img)
+    del img  # Pillow's copy, before the turned one is made
+    return as_displayed(rgb, orientation)
+
+
+def as_displayed(rgb: np.ndarray, orientation: int) -> np.ndarray:
+    """The stored pixels turned as their EXIF orientation says (ImageOps.exif_transpose's eight cases: phone
+    photos through an eyepiece are rotated); box coordinates everywhere are in this image's pixels. Turned
+    after Pillow's copy is gone: two copies of a 16 MP photo at the peak, not three."""
+    import cv2
+    turn = {2: lambda a: cv2.flip(a, 1), 3: lambda a: cv2.rotate(a, cv2.ROTATE_180), 4: lambda a: cv2.flip(a, 0),
+            5: cv2.transpose, 6: lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
+            7: lambda a: cv2.rotate(cv2.transpose(a), cv2.ROTATE_180),
+            8: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE)}.get(orientation)
+    return rgb if turn is None else turn(rgb)
 
 
 def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:

@@ -104,3 +104,16 @@ def test_missing_file_and_directory(tmp_path):
         load_image(tmp_path / "nope.png")
     with pytest.raises(ImageError, match="directory"):
         load_image(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_shown_as_pillow_shows_it(cell_files, orientation, fmt):
+    from PIL import ImageOps
+    src = Image.open(cell_files[0]).convert("RGB").crop((0, 0, 90, 60))  # not square: a turn shows
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    src.save(buf, format=fmt, exif=exif)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).convert("RGB"))
+    assert np.array_equal(decode_image(buf.getvalue()), expected)
