@@ -20,6 +20,7 @@ import numpy as np
 
 from edge.card import atomic_write_text, card_path, read_card
 from benchmarks import hardware
+from benchmarks.latency import edge_infer_hook
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,11 +57,7 @@ def end_to_end(model: Path, files: list[Path]) -> dict:
         for i, f in enumerate(files):
             os.symlink(f.resolve(), folder / f"{i:05d}{f.suffix}")
         rss_file = Path(tmp) / "rss"
-        # edge-infer itself, with an exit hook that records its own peak RSS
-        hook = ("import atexit, runpy, sys; from benchmarks.latency import peak_rss_mb; "
-                f"atexit.register(lambda: open({str(rss_file)!r}, 'w').write(str(peak_rss_mb()))); "
-                "sys.argv[0] = 'edge-infer'; runpy.run_module('edge.cli', run_name='__main__')")
-        cmd = [sys.executable, "-c", hook, "--model", str(model), "-q"]
+        cmd = edge_infer_hook(rss_file) + ["--model", str(model), "-q"]  # edge-infer, with its own peak RSS
         cold = []
         for _ in range(3):
             t = time.perf_counter()

@@ -12,6 +12,8 @@ counted and corrected like a real one; its truth is the smear's parasitemia.
 from __future__ import annotations
 
 import json
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -466,6 +468,30 @@ def speed(model, points: dict[str, FieldOptions], real_photo: Path, crops_root: 
     return out
 
 
+def peak_memory(model_path: Path, point_name: str, photos: list[Path]) -> list[dict]:
+    """Peak RSS of `edge-infer --field` (report, overlay and Grad-CAM included) on a 16 MP photo as taken, and
+    on one of the same size whose cells are a third as wide (a 3×3 mosaic of the photos at 1/3): there
+    detection works near full resolution, which is what a wide field at a lower magnification costs."""
+    from benchmarks.latency import edge_infer_hook
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tiles = [cv2.resize(load_image(photos[i % len(photos)]), None, fx=1 / 3, fy=1 / 3, interpolation=cv2.INTER_AREA)
+                 for i in range(9)]
+        h, w = min(t.shape[0] for t in tiles), min(t.shape[1] for t in tiles)
+        mosaic = np.vstack([np.hstack([t[:h, :w] for t in tiles[r:r + 3]]) for r in (0, 3, 6)])
+        small = Path(tmp) / "mosaic.jpg"
+        cv2.imwrite(str(small), mosaic[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+        for name, photo in (("16 MP photo as taken", photos[0]), ("16 MP, cells a third as wide", small)):
+            rss = Path(tmp) / "rss"
+            t = time.perf_counter()
+            subprocess.run(edge_infer_hook(rss) + ["--field", str(photo), "--model", str(model_path), "--operating-point",
+                                                   point_name, "--out", str(Path(tmp) / "out"), "-q"],
+                           check=True, capture_output=True)
+            rows.append({"image": name, "pixels": "x".join(map(str, load_image(photo).shape[1::-1])),
+                         "peak_rss_mb": float(rss.read_text()), "wall_s": time.perf_counter() - t})
+    return rows
+
+
 def _time_once(get, name: str, model, opts: FieldOptions) -> tuple:
     t0 = time.perf_counter()
     rgb = get()
@@ -535,6 +561,8 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
     if point.screen is not None and point.name != "counting":
         timed["counting"] = FieldOptions.at(operating_point(model, "counting"))
     res["speed"] = speed(model, timed, sorted((fields_root / "Img").glob("*.jpg"))[0], crops_root, data_dir)
+    log("peak memory")
+    res["memory"] = peak_memory(model_path, point.name, sorted((fields_root / "Img").glob("*.jpg")))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "fields.json", json.dumps(res, indent=1, default=float) + "\n")
     atomic_write_text(out / "fields.md", markdown(res))
@@ -681,4 +709,8 @@ def markdown(r: dict) -> str:
     for k, v in r["speed"].items():
         lines.append(f"| {k} | {v['cells']} | {v['decode_ms']:.0f} | {v['detect_ms']:.0f} | {v['classify_ms']:.0f} | "
                      f"{v['total_ms']:.0f} | {v['fields_per_s']:.2f} |")
+    if r.get("memory"):
+        lines += ["", "## Peak memory (`edge-infer --field`, one photo, report and Grad-CAM included; target ≤ 400 MB)", "",
+                  "| image | pixels | peak RSS MB | wall s (with start-up) |", "|---|---|---:|---:|"]
+        lines += [f"| {x['image']} | {x['pixels']} | {x['peak_rss_mb']:.0f} | {x['wall_s']:.1f} |" for x in r["memory"]]
     return "\n".join(lines) + "\n"

@@ -12,7 +12,9 @@ import argparse
 import json
 import os
 import resource
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -47,6 +49,14 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def edge_infer_hook(rss_file: Path) -> list[str]:
+    """A command that runs edge-infer (its arguments appended) and writes its own peak RSS to rss_file at exit."""
+    hook = ("import atexit, runpy, sys; from benchmarks.latency import peak_rss_mb; "
+            f"atexit.register(lambda: open({str(rss_file)!r}, 'w').write(str(peak_rss_mb()))); "
+            "sys.argv[0] = 'edge-infer'; runpy.run_module('edge.cli', run_name='__main__')")
+    return [sys.executable, "-c", hook]
 
 
 def main(argv=None) -> dict:

@@ -424,10 +424,11 @@ def _split(fg: np.ndarray, r: float, p: DetectParams) -> tuple[np.ndarray, int]:
     """One label per cell: seeds at distance-transform peaks; each foreground pixel goes to its nearest
     seed within its own connected component (touching round cells split along their neck)."""
     fg8 = fg.astype(np.uint8)
-    ncc, cc = cv2.connectedComponents(fg8, connectivity=8)
     dt = cv2.distanceTransform(fg8, cv2.DIST_L2, 5)
     k = max(3, int(2 * p.seed_spacing * r) | 1)
-    peaks = (dt >= cv2.dilate(dt, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) - 1e-3)
+    top = cv2.dilate(dt, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    peaks = dt >= np.subtract(top, 1e-3, out=top)
+    del top
     peaks &= dt >= p.seed_height * r
     # merge plateau pixels and near peaks into one seed
     m = max(3, int(p.seed_spacing * r) | 1)
@@ -436,8 +437,8 @@ def _split(fg: np.ndarray, r: float, p: DetectParams) -> tuple[np.ndarray, int]:
     nseed, seed_lab = cv2.connectedComponents(seeds, connectivity=8)
     if nseed <= 1:
         return np.zeros(fg.shape, np.int32), 0
-    # what is needed at the seeds is read before the whole-image arrays it comes from are let go (a field at
-    # full resolution holds 45 MB in each)
+    # each whole-image array is let go once what is needed of it at the seeds is read, and the components
+    # are labelled only after the nearest seeds (a field at full resolution holds 45 MB in each)
     ys, xs = np.nonzero(seeds)
     seed_ids, depth = seed_lab[ys, xs], dt[ys, xs]
     del seed_lab, dt
@@ -447,6 +448,8 @@ def _split(fg: np.ndarray, r: float, p: DetectParams) -> tuple[np.ndarray, int]:
     remap[nearest[ys, xs]] = seed_ids
     lab = remap[nearest]
     del nearest
+    cc = cv2.connectedComponents(fg8, connectivity=8)[1]
+    del fg8
     # the component each seed belongs to: that of its deepest pixel (a seed may straddle two)
     seed_cc = np.zeros(nseed, np.int32)
     best = np.full(nseed, -1.0)
@@ -464,7 +467,7 @@ def _regions(rgb, work, labels, n, inside, det: Detection, p: DetectParams) -> l
     H, W = rgb.shape[:2]
     h, w = labels.shape
     s = det.scale
-    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    slices, centroids, areas = _bboxes(labels, n)
     present = np.nonzero(areas[1:])[0] + 1
     if len(present) == 0:
         return []
@@ -483,7 +486,6 @@ def _regions(rgb, work, labels, n, inside, det: Detection, p: DetectParams) -> l
     dark = np.bincount(labels[green < dark_t], minlength=n + 1)
     deep_t = det.cell_level - p.deep_level * (det.background_level - det.cell_level)
     deep = np.bincount(labels[green < deep_t], minlength=n + 1)
-    slices, centroids = _bboxes(labels, n)
     grow = max(0, round(p.mask_dilate * det.diameter_px))
     gap = max(0, round(p.split_gap * det.diameter_px))
     k_grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1,) * 2)
@@ -600,16 +602,28 @@ def _fill(mask: np.ndarray) -> float:
     return float(dt.max() / np.sqrt(mask.sum() / np.pi))
 
 
-def _bboxes(labels: np.ndarray, n: int) -> tuple[dict[int, tuple[int, int, int, int]], dict[int, tuple[float, float]]]:
-    """(y0, y1, x0, x1) and centroid (y, x) of each label. A region's box is its outline's, so the minima and
-    maxima (slow, unbuffered) are taken over outline pixels only; the centroids are sums over every pixel."""
+def _bboxes(labels: np.ndarray, n: int) -> tuple[dict[int, tuple[int, int, int, int]], dict[int, tuple[float, float]],
+                                                  np.ndarray]:
+    """(y0, y1, x0, x1) and centroid (y, x) of each label, and every label's area (pixels). A region's box is its
+    outline's, so the minima and maxima (slow, unbuffered) are taken over outline pixels only; the areas and
+    centroids are sums over every pixel, a band of rows at a time (np.bincount copies the labels to int64 and
+    takes float64 weights: 0.3 GB at full resolution for the whole image)."""
     h, w = labels.shape
-    flat = labels.ravel()
-    cnt = np.bincount(flat, minlength=n + 1)
+    cnt, sy, sx = np.zeros(n + 1, np.int64), np.zeros(n + 1), np.zeros(n + 1)
+    band = max(1, (1 << 20) // max(w, 1))
+    xs_band = np.tile(np.arange(w, dtype=np.float64), band)
+    for r0 in range(0, h, band):
+        rows = labels[r0:r0 + band].ravel()
+        cnt += np.bincount(rows, minlength=n + 1)
+        # sums of integers: exact in float64 whatever the order
+        sy += np.bincount(rows, weights=np.repeat(np.arange(r0, r0 + len(rows) // w, dtype=np.float64), w),
+                          minlength=n + 1)
+        sx += np.bincount(rows, weights=xs_band[:len(rows)], minlength=n + 1)
+    areas = cnt.copy()
     cnt[0] = 0
     present = np.flatnonzero(cnt)
     if len(present) == 0:
-        return {}, {}
+        return {}, {}, areas
     outline = np.zeros((h, w), bool)
     outline[0], outline[-1], outline[:, 0], outline[:, -1] = True, True, True, True
     step = labels[1:] != labels[:-1]
@@ -618,7 +632,9 @@ def _bboxes(labels: np.ndarray, n: int) -> tuple[dict[int, tuple[int, int, int, 
     step = labels[:, 1:] != labels[:, :-1]
     outline[:, 1:] |= step
     outline[:, :-1] |= step
-    ys, xs = np.nonzero(outline & (labels != 0))
+    del step
+    outline &= labels != 0
+    ys, xs = np.nonzero(outline)
     ids = labels[ys, xs]
     y0 = np.full(n + 1, 1 << 30)
     x0 = np.full(n + 1, 1 << 30)
@@ -629,19 +645,9 @@ def _bboxes(labels: np.ndarray, n: int) -> tuple[dict[int, tuple[int, int, int, 
     np.maximum.at(y1, ids, ys)
     np.maximum.at(x1, ids, xs)
     div = np.maximum(cnt, 1)
-    # the sums of each region's coordinates, a band of rows at a time (whole-image float64 weights were
-    # 0.2 GB at full resolution); the sums are of integers, exact in float64 whatever the order
-    sy, sx = np.zeros(n + 1), np.zeros(n + 1)
-    band = max(1, (1 << 20) // max(w, 1))
-    xs_band = np.tile(np.arange(w, dtype=np.float64), band)
-    for r0 in range(0, h, band):
-        rows = labels[r0:r0 + band].ravel()
-        sy += np.bincount(rows, weights=np.repeat(np.arange(r0, r0 + len(rows) // w, dtype=np.float64), w),
-                          minlength=n + 1)
-        sx += np.bincount(rows, weights=xs_band[:len(rows)], minlength=n + 1)
     my, mx = sy / div, sx / div
     boxes = {int(k): (int(y0[k]), int(y1[k]) + 1, int(x0[k]), int(x1[k]) + 1) for k in present}
-    return boxes, {int(k): (float(my[k]), float(mx[k])) for k in present}
+    return boxes, {int(k): (float(my[k]), float(mx[k])) for k in present}, areas
 
 
 def crop(rgb: np.ndarray, cell: Cell) -> np.ndarray:

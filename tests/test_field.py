@@ -457,15 +457,15 @@ def test_quality_gate_rejects_an_overexposed_field_and_says_how_much_is_saturate
     assert quality(small, detect(small), QualityParams())[1]["clipped"] < 0.01
 
 
-def test_region_boxes_and_centroids_are_those_of_every_pixel_of_the_region():
-    # boxes come from the regions' outlines only (faster); they must be the boxes of all their pixels
+def test_region_boxes_centroids_and_areas_are_those_of_every_pixel_of_the_region():
+    # boxes come from the regions' outlines only, sums a band of rows at a time (the last shape spans three bands)
     rng = np.random.default_rng(0)
-    for _ in range(50):
-        h, w = rng.integers(1, 30, 2)
+    for h, w in [tuple(rng.integers(1, 30, 2)) for _ in range(50)] + [(300, 10_000)]:
         labels = (rng.integers(0, 5, (h, w)) * (rng.random((h, w)) < 0.7)).astype(np.int32)
         labels[h // 3:, w // 3:][:h // 3, :w // 3] = 7  # a solid block: interior pixels off the outline
-        boxes, centres = _bboxes(labels, int(labels.max()))
+        boxes, centres, areas = _bboxes(labels, int(labels.max()))
         assert set(boxes) == set(np.unique(labels[labels > 0]).tolist())
+        assert areas.tolist() == np.bincount(labels.ravel()).tolist()
         for k in boxes:
             ys, xs = np.nonzero(labels == k)
             assert boxes[k] == (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1)
@@ -895,6 +895,14 @@ def test_the_real_photo_shrunk_and_recoloured_is_scored_against_its_scaled_annot
     assert 0.3 * 113 * 0.85 < small["diameter_px"] < 0.3 * 113 * 1.15
     assert small["fields_counted"] == hue["fields_counted"] == 1
     assert small["recall"] > 0.95 and hue["recall"] > 0.95 and small["precision"] > 0.9
+
+
+def test_peak_memory_runs_edge_infer_on_the_photo_and_on_a_mosaic_of_it_with_cells_a_third_as_wide():
+    from benchmarks.fields import peak_memory
+    rows = peak_memory(FIELD_MODEL, "counting-fast", [FIELD])
+    assert [r["image"] for r in rows] == ["16 MP photo as taken", "16 MP, cells a third as wide"]
+    assert rows[0]["pixels"] == "2988x5312" and rows[1]["pixels"] == "2988x5313"  # 3 × 996 wide, 3 × 1771 high
+    assert all(r["peak_rss_mb"] > 48 for r in rows)  # more than the decoded photo itself
 
 
 def test_every_model_check_classifies_the_same_real_crops_with_each_model():
