@@ -20,6 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from benchmarks.latency import edge_infer_hook
 from edge.card import atomic_write_text
 from edge.detect import crop
 from edge.field import FieldOptions, analyze, classify_crops
@@ -472,22 +473,26 @@ def peak_memory(model_path: Path, point_name: str, photos: list[Path]) -> list[d
     """Peak RSS of `edge-infer --field` (report, overlay and Grad-CAM included) on a 16 MP photo as taken, and
     on one of the same size whose cells are a third as wide (a 3×3 mosaic of the photos at 1/3): there
     detection works near full resolution, which is what a wide field at a lower magnification costs."""
-    from benchmarks.latency import edge_infer_hook
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        tiles = [cv2.resize(load_image(photos[i % len(photos)]), None, fx=1 / 3, fy=1 / 3, interpolation=cv2.INTER_AREA)
-                 for i in range(9)]
+        shrunk, sizes = [], []
+        for p in photos:  # each decoded once
+            rgb = load_image(p)
+            sizes.append(rgb.shape[1::-1])
+            shrunk.append(cv2.resize(rgb, None, fx=1 / 3, fy=1 / 3, interpolation=cv2.INTER_AREA))
+        tiles = [shrunk[i % len(shrunk)] for i in range(9)]
         h, w = min(t.shape[0] for t in tiles), min(t.shape[1] for t in tiles)
         mosaic = np.vstack([np.hstack([t[:h, :w] for t in tiles[r:r + 3]]) for r in (0, 3, 6)])
         small = Path(tmp) / "mosaic.jpg"
         cv2.imwrite(str(small), mosaic[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
-        for name, photo in (("16 MP photo as taken", photos[0]), ("16 MP, cells a third as wide", small)):
+        for name, photo, size in (("16 MP photo as taken", photos[0], sizes[0]),
+                                  ("16 MP, cells a third as wide", small, mosaic.shape[1::-1])):
             rss = Path(tmp) / "rss"
             t = time.perf_counter()
             subprocess.run(edge_infer_hook(rss) + ["--field", str(photo), "--model", str(model_path), "--operating-point",
                                                    point_name, "--out", str(Path(tmp) / "out"), "-q"],
                            check=True, capture_output=True)
-            rows.append({"image": name, "pixels": "x".join(map(str, load_image(photo).shape[1::-1])),
+            rows.append({"image": name, "pixels": "x".join(map(str, size)),
                          "peak_rss_mb": float(rss.read_text()), "wall_s": time.perf_counter() - t})
     return rows
 

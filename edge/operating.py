@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.parasitemia import check_adds_up
+from edge.parasitemia import check_adds_up, check_recut
 from edge.runtime import Loaded, ModelError, load_classifier
 
 FAST = "counting-fast"  # the screened counting point; field mode's default where the card has it
@@ -73,13 +73,11 @@ def operating_point(model: Loaded, name: str, threads: int | None = None) -> Ope
                          f"of rates; re-run: malaria-edge evaluate {model.path} --field-spread --update-card")
     rc = fs.get("recut") or {}
     try:
-        recut = tuple(int(rc.get(k, 0)) for k in ("field_called", "crops_called", "infected"))
+        recut = check_recut(rc.get(k, 0) for k in ("field_called", "crops_called", "infected"))
     except (TypeError, ValueError, AttributeError):
-        recut = (-1, 0, 0)
-    if any(recut) and not (0 < recut[0] <= recut[2] and 0 < recut[1] <= recut[2]):
         raise ModelError(f"{model.path.name}: the '{name}' point's field_spread recut {rc!r} is not field mode's and "
                          f"the crops' calls of its infected cells; re-run: malaria-edge evaluate {model.path} "
-                         "--field-spread --update-card")
+                         "--field-spread --update-card") from None
     try:
         overlap = float((model.card.field_crops or {}).get("complete_overlap", 0.0))
     except (TypeError, ValueError, AttributeError):

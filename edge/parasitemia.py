@@ -64,16 +64,21 @@ def sensitivity_specificity(counts: dict) -> tuple[float, float]:
     return tp / (tp + fn), tn / (tn + fp)
 
 
+def check_recut(recut) -> tuple[int, int, int]:
+    """The re-cut counts (field mode's calls, their own crops' calls, infected cells) as ints: all 0 (not
+    scaled), or both calls counted among the infected cells."""
+    called_field, called_crops, infected = r = tuple(int(v) for v in recut)
+    if any(r) and not (0 < called_field <= infected and 0 < called_crops <= infected):
+        raise ValueError(f"the re-cut counts {r} are not (field calls, crop calls, infected cells)")
+    return r
+
+
 def field_rates(counts: dict, recut: tuple[int, int, int] = (0, 0, 0)) -> tuple[float, float]:
     """(Se, Sp) the correction uses: the operating point's, Se scaled by what field mode's crops keep of it
     (recut: field mode's calls, their own crops' calls, infected cells; (0, 0, 0): not scaled)."""
     se, sp = sensitivity_specificity(counts)
-    called_field, called_crops, infected = (int(v) for v in recut)
-    if not called_crops:
-        return se, sp
-    if not (0 < called_field <= infected and called_crops <= infected):
-        raise ValueError(f"the re-cut counts {recut} are not (field calls, crop calls, infected cells)")
-    return se * called_field / called_crops, sp
+    called_field, called_crops, _ = check_recut(recut)
+    return (se * called_field / called_crops if called_crops else se), sp
 
 
 def rogan_gladen(q, se, sp):
@@ -136,7 +141,7 @@ def estimate(positive: int, n: int, counts: dict, rbc_per_ul: float = RBC_PER_UL
         raise ValueError("the operating point's counts need both infected and uninfected validation cells")
     se_validation = sensitivity_specificity(counts)[0]
     se, sp = field_rates(counts, recut)
-    called_field, called_crops, infected = (int(v) for v in recut)
+    called_field, called_crops, infected = check_recut(recut)
     if confirmed:
         sp = 1.0
     if se + sp <= 1:
