@@ -8,7 +8,8 @@ and masks are mapped back to full resolution.
 Steps at working resolution: the eyepiece disc (a bright disc on black, if any) bounds the field;
 cells differ in colour from the locally estimated background (Otsu on the colour distance inside the
 field; rings broken at pale centres closed, holes filled); touching cells are split by a seeded partition of the foreground, one seed per peak of the
-distance transform; each region is then accepted or rejected with a reason (cut by the image or
+distance transform (a region too large for one cell split again with only pale-centre-sized holes filled,
+since a gap closed in by a ring of cells is filled too); each region is then accepted or rejected with a reason (cut by the image or
 eyepiece edge, too small for a red cell: platelet or debris, too large: an unsplit clump, or a white
 blood cell: mostly nucleus-dark stain, or a large region with much of it). What is cropped of a cell
 stops short of a touching neighbour (Cell.crop_mask), or, for a model whose card asks for it, is completed
@@ -59,6 +60,11 @@ class DetectParams:
     round_fill: float = 0.85
     close_rings: float = 0.12  # × diameter: closing that mends rings broken at a pale centre
     fill_holes: float = 0.6  # × cell area: holes up to this size (pale centres) are filled
+    # × cell area: a region too large for one cell that is not round is split again with only the holes up to
+    # this size filled, as large as a pale centre gets (95th percentile 0.22-0.36 of the cell on the real and
+    # synthetic fields): a gap of background closed in by a ring of touching cells was filled as if it were a
+    # pale centre, and its seed took the cells round it into one clump
+    clump_holes: float = 0.25
     seed_spacing: float = 0.55  # × radius: distance-transform peaks closer than this merge into one seed
     seed_height: float = 0.45  # × radius: peaks lower than this seed no cell
     edge_margin: int = 2  # working px: a region this close to the image or eyepiece edge touches it
@@ -279,12 +285,13 @@ def _percentile_u8(v: np.ndarray, q: float) -> float:
     return float(lo + (hi - lo) * (pos - np.floor(pos)))
 
 
-def _fill_holes(mask: np.ndarray, max_area: float | None) -> np.ndarray:
-    """Fill background regions enclosed by the mask (all, or those up to max_area pixels)."""
+def _fill_holes(mask: np.ndarray, max_area: float | None, holes_over: float | None = None):
+    """Fill background regions enclosed by the mask (all, or those up to max_area pixels). With holes_over:
+    also the filled holes larger than that, as (y0, x0, their mask in its box)."""
     inv = (~mask).astype(np.uint8)
     n, lab, stats, _ = cv2.connectedComponentsWithStats(inv, connectivity=4)
     if n <= 1:
-        return mask
+        return mask if holes_over is None else (mask, [])
     h, w = mask.shape
     x, y, bw, bh, area = (stats[:, i] for i in range(5))
     touches = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
@@ -292,7 +299,11 @@ def _fill_holes(mask: np.ndarray, max_area: float | None) -> np.ndarray:
     if max_area is not None:
         fill &= area <= max_area
     fill[0] = False
-    return mask | fill[lab]
+    filled = mask | fill[lab]
+    if holes_over is None:
+        return filled
+    return filled, [(y[i], x[i], lab[y[i]:y[i] + bh[i], x[i]:x[i] + bw[i]] == i)
+                    for i in np.flatnonzero(fill & (area > holes_over))]
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -389,13 +400,14 @@ def detect(rgb: np.ndarray, params: DetectParams = DetectParams()) -> Detection:
     fg = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_OPEN, k3)
     kc = max(3, int(p.close_rings * d) | 1)  # close rings broken at a pale centre, so filling finds them
     fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (kc, kc))).astype(bool)
-    fg = _fill_holes(fg, p.fill_holes * cell_area)
+    fg, gaps = _fill_holes(fg, p.fill_holes * cell_area, holes_over=p.clump_holes * cell_area)
     labels, n = _split(fg, r, p)
+    labels, n, boxes = _split_clumps(labels, n, gaps, r, p)
     det.labels = labels
     if n == 0:
         det.note = "no cells found"
         return det
-    det.cells = _regions(rgb, work, labels, n, inside, det, p)
+    det.cells = _regions(rgb, work, labels, n, inside, det, p, boxes)
     if not det.accepted:
         det.note = "no plausible red cells found (every region was rejected)"
     return det
@@ -463,17 +475,67 @@ def _split(fg: np.ndarray, r: float, p: DetectParams) -> tuple[np.ndarray, int]:
     return lab, nseed - 1
 
 
-def _regions(rgb, work, labels, n, inside, det: Detection, p: DetectParams) -> list[Cell]:
-    H, W = rgb.shape[:2]
-    h, w = labels.shape
-    s = det.scale
+def _typical_area(areas: np.ndarray, present: np.ndarray) -> float:
+    """The typical cell's area: the median of the regions that are neither tiny nor huge."""
+    a = areas[present]
+    return float(np.median(a[(a > 0.3 * np.median(a)) & (a < 3 * np.median(a))])) if len(a) else 1.0
+
+
+def _is_clump(region: np.ndarray, area: float, med: float, p: DetectParams) -> bool:
+    """Too large for one cell, and not round enough to be one enlarged cell."""
+    return area > p.max_area * med and (area > p.round_max_area * med or _fill(region) < p.round_fill)
+
+
+def _split_clumps(labels: np.ndarray, n: int, gaps: list, r: float, p: DetectParams) -> tuple[np.ndarray, int, tuple]:
+    """Each clump split again with the filled holes larger than a pale centre (gaps: _fill_holes' holes_over,
+    DetectParams.clump_holes) opened again, its parts given new labels; a clump that does not part stays
+    as it was. Returns the labels, their number and their _bboxes."""
     slices, centroids, areas = _bboxes(labels, n)
     present = np.nonzero(areas[1:])[0] + 1
     if len(present) == 0:
+        return labels, n, (slices, centroids, areas)
+    med = _typical_area(areas, present)
+    new_areas = [areas]
+    gy0, gx0 = np.array([g[0] for g in gaps], int), np.array([g[1] for g in gaps], int)
+    gy1, gx1 = gy0 + [g[2].shape[0] for g in gaps], gx0 + [g[2].shape[1] for g in gaps]
+    for k in present[areas[present] > p.max_area * med]:
+        y0, y1, x0, x1 = slices[k]
+        region = labels[y0:y1, x0:x1] == k
+        if not _is_clump(region, areas[k], med, p):
+            continue
+        sub = region.copy()
+        for i in np.flatnonzero((gy0 < y1) & (gy1 > y0) & (gx0 < x1) & (gx1 > x0)):  # the gaps in its box
+            a0, b0, a1, b1 = max(gy0[i], y0), max(gx0[i], x0), min(gy1[i], y1), min(gx1[i], x1)
+            sub[a0 - y0:a1 - y0, b0 - x0:b1 - x0] &= ~gaps[i][2][a0 - gy0[i]:a1 - gy0[i], b0 - gx0[i]:b1 - gx0[i]]
+        parts, m = _split(np.pad(sub, 1), r, p)
+        if m < 2:
+            continue
+        parts = parts[1:-1, 1:-1]
+        win = labels[y0:y1, x0:x1]
+        win[region] = 0
+        win[parts > 0] = parts[parts > 0] + n
+        part_slices, part_centroids, part_areas = _bboxes(parts, m)
+        for j, (a0, a1, b0, b1) in part_slices.items():
+            slices[n + j] = (a0 + y0, a1 + y0, b0 + x0, b1 + x0)
+            centroids[n + j] = (part_centroids[j][0] + y0, part_centroids[j][1] + x0)
+        del slices[k], centroids[k]
+        areas[0] += areas[k] - part_areas[1:].sum()  # what the parts leave of the clump is background now
+        areas[k] = 0
+        new_areas.append(part_areas[1:])
+        n += m
+    return labels, n, (slices, centroids, np.concatenate(new_areas))
+
+
+def _regions(rgb, work, labels, n, inside, det: Detection, p: DetectParams, boxes: tuple) -> list[Cell]:
+    """boxes: the labels' _bboxes."""
+    H, W = rgb.shape[:2]
+    h, w = labels.shape
+    s = det.scale
+    slices, centroids, areas = boxes
+    present = np.nonzero(areas[1:])[0] + 1
+    if len(present) == 0:
         return []
-    # the typical cell: median area of the regions that are neither tiny nor huge
-    a = areas[present]
-    med = float(np.median(a[(a > 0.3 * np.median(a)) & (a < 3 * np.median(a))])) if len(a) else 1.0
+    med = _typical_area(areas, present)
     outside = ~inside
     edge = np.zeros((h, w), bool)
     e = p.edge_margin
@@ -504,7 +566,7 @@ def _regions(rgb, work, labels, n, inside, det: Detection, p: DetectParams) -> l
                                                       deep[k] > p.wbc_deep_share * areas[k] and
                                                       areas[k] > p.wbc_area * med):
             status = "wbc" if areas[k] > p.platelet_area * med else "platelets"
-        elif areas[k] > p.max_area * med and (areas[k] > p.round_max_area * med or _fill(sub) < p.round_fill):
+        elif _is_clump(sub, areas[k], med, p):
             status = "large"
         # full-resolution box and mask: the working-res labels (1 px padding, 0 beyond the image) resized up
         X0, Y0 = max(0, int((x0 - 1) / s)), max(0, int((y0 - 1) / s))

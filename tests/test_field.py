@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.detect import DetectParams, _bboxes, crop, detect, flat_border
+from edge.detect import DetectParams, _bboxes, _fill_holes, _split_clumps, crop, detect, flat_border
 from edge.field import FieldOptions, QualityParams, analyze, quality
 from edge.images import load_image
 from edge.metrics import operating_points, threshold_for_specificity
@@ -136,6 +136,39 @@ def test_a_round_region_twice_a_cell_wide_is_one_cell_and_an_elongated_one_a_clu
     det = detect(img, DetectParams(cell_diameter=80))
     by_row = sorted(det.cells, key=lambda c: (c.centre[1] > 200, c.centre[0]))
     assert [c.status for c in by_row] == ["ok"] * 8 + ["ok", "large"]
+
+
+def _ring_of_cells(img, centre=(300, 300), n=5, ring=62, r=40):
+    """n touching discs round a gap of background 0.39 of a disc's area: under the pale-centre fill's limit."""
+    for k in range(n):
+        x, y = centre[0] + ring * np.cos(2 * np.pi * k / n), centre[1] + ring * np.sin(2 * np.pi * k / n)
+        cv2.circle(img, (round(x), round(y)), r, (175, 110, 145), -1)
+    return img
+
+
+def test_a_ring_of_touching_cells_round_a_gap_is_found_as_its_cells_not_one_clump():
+    img = np.full((500, 900, 3), (225, 205, 215), np.uint8)
+    for i in range(6):
+        cv2.circle(img, (60 + 100 * i, 60), 40, (175, 110, 145), -1)
+    det = detect(_ring_of_cells(img), DetectParams(cell_diameter=80))
+    ring = [c for c in det.cells if c.centre[1] > 150]
+    assert [c.status for c in ring] == ["ok"] * 5
+    assert sorted(round(np.hypot(c.centre[0] - 300, c.centre[1] - 300)) for c in ring) == pytest.approx([62] * 5, abs=6)
+
+
+def test_a_clump_split_again_gives_the_boxes_centroids_and_areas_of_its_parts():
+    img = _ring_of_cells(np.full((400, 400, 3), 255, np.uint8))
+    cell = np.pi * 40 ** 2
+    filled, gaps = _fill_holes(img[..., 1] < 200, 0.6 * cell, holes_over=0.25 * cell)
+    assert len(gaps) == 1 and filled[300, 300]  # the gap was filled, as a pale centre is
+    labels = filled.astype(np.int32)
+    for i in range(4):  # single cells, so that the ring is larger than the typical region
+        cv2.circle(labels, (40 + 90 * i, 40), 30, i + 2, -1)
+    labels, n, (slices, centroids, areas) = _split_clumps(labels, 5, gaps, 40, DetectParams())
+    assert n == 5 + 5 and labels[300, 300] == 0
+    want_slices, want_centroids, want_areas = _bboxes(labels, n)
+    assert slices == want_slices and list(areas) == list(want_areas)
+    assert all(centroids[k] == pytest.approx(want_centroids[k]) for k in want_slices)
 
 
 def test_crops_are_cut_at_full_resolution_with_black_background(real_field, real_detection):
