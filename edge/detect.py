@@ -34,6 +34,12 @@ class DetectParams:
     preview_cell: float = 12.0  # px: cells smaller than this in the preview are measured again on a larger one
     preview_regrow: float = 1.5  # cells measured over this × the background window's cell size: measured again
     preview_max_side: int = 2400  # the larger preview's longest side at most
+    # × the preview's area: holes filled before the cells are measured on it (pale centres; at high magnification
+    # a cell's is large), and, where that makes the field one "cell" (below), the smaller limit: where cells
+    # crowd, the gaps between them are holes too, and filling them all made one blob of the field (a synthetic
+    # field of patient 116 whose cells overlap by 10-30% measured 730 px per 132-px cell and counted nothing)
+    preview_fill: float = 0.02
+    preview_fill_crowded: float = 0.002
     min_diameter: float = 8.0  # below this many px per cell at full resolution nothing is found
     # a field holds at least this many cells across its shorter side: a larger "cell" is one object (a cell
     # crop, an inverted photo's eyepiece disc, a thin strip of noise), and measuring the scale on it is slow
@@ -425,7 +431,11 @@ def _preview_diameter(rgb: np.ndarray, side: float, p: DetectParams) -> tuple[fl
     guess = max(8.0, 0.02 * max(pv.shape))
     for _ in range(3):
         fg, *_ = _foreground(pv, inside, guess)
-        d = estimate_diameter(_fill_holes(fg, max_area=0.02 * fg.size))
+        d = estimate_diameter(_fill_holes(fg, max_area=p.preview_fill * fg.size))
+        if d and d * p.min_cells_across > min(pv.shape[:2]):  # no field of cells: crowded, or none
+            small = estimate_diameter(_fill_holes(fg, max_area=p.preview_fill_crowded * fg.size))
+            if small and small * p.min_cells_across <= min(pv.shape[:2]):
+                d = small
         if not d or d <= p.preview_regrow * guess or d * p.min_cells_across > min(pv.shape[:2]):
             break
         guess = d

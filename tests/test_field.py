@@ -171,6 +171,20 @@ def test_a_clump_split_again_gives_the_boxes_centroids_and_areas_of_its_parts():
     assert all(centroids[k] == pytest.approx(want_centroids[k]) for k in want_slices)
 
 
+def test_a_crowded_field_whose_filled_gaps_make_one_blob_is_measured_at_its_cells_size():
+    """Cells overlapping by 10-30%: with every gap between them filled as a pale centre, the field measured as
+    one 730-px "cell" and nothing was counted."""
+    import csv
+    rows = [r for r in csv.DictReader(open(DEV_MANIFEST)) if r["patient"] == "116"]
+    pos, neg = load_crops(DEV_MANIFEST.parent, [r["relpath"] for r in rows],
+                          [int(r["label"] == "Parasitized") for r in rows], ["P116"] * len(rows))["P116"]
+    f = make_field(pos, neg, SynthParams(parasitemia=0.05, spacing=(0.7, 0.9), n_cells=400, seed=902))
+    det = detect(f.rgb)
+    assert det.diameter_px == pytest.approx(2 * np.median([t.r for t in f.truth]), rel=0.15)
+    s = score(det.cells, [GTPoint(t.x, t.y, t.label) for t in f.truth])
+    assert s.recall >= 0.6, s.as_dict()
+
+
 def test_crops_are_cut_at_full_resolution_with_black_background(real_field, real_detection):
     cell = real_detection.accepted[len(real_detection.accepted) // 2]
     c = crop(real_field, cell)
