@@ -429,14 +429,17 @@ def _preview_diameter(rgb: np.ndarray, side: float, p: DetectParams) -> tuple[fl
     pv = _shrink(rgb, s)
     inside = eyepiece_mask(pv, p)
     guess = max(8.0, 0.02 * max(pv.shape))
+
+    def no_field(v: float) -> bool:  # a "cell" this wide leaves no field of cells in the preview
+        return v * p.min_cells_across > min(pv.shape[:2])
     for _ in range(3):
         fg, *_ = _foreground(pv, inside, guess)
         d = estimate_diameter(_fill_holes(fg, max_area=p.preview_fill * fg.size))
-        if d and d * p.min_cells_across > min(pv.shape[:2]):  # no field of cells: crowded, or none
+        if d and no_field(d):  # crowded (the gaps between cells filled too), or no field at all
             small = estimate_diameter(_fill_holes(fg, max_area=p.preview_fill_crowded * fg.size))
-            if small and small * p.min_cells_across <= min(pv.shape[:2]):
+            if small and not no_field(small):
                 d = small
-        if not d or d <= p.preview_regrow * guess or d * p.min_cells_across > min(pv.shape[:2]):
+        if not d or d <= p.preview_regrow * guess or no_field(d):
             break
         guess = d
     return (d / s, d) if d else (None, 0.0)
