@@ -770,6 +770,29 @@ def test_a_write_the_disk_refuses_stops_the_session_in_one_line_and_keeps_what_w
     assert not list(tmp_path.rglob("*.tmp"))  # no half-written file left behind
 
 
+def test_ctrl_c_ends_a_field_session_with_every_finished_field_saved(tmp_path):
+    import csv
+    import signal
+    import subprocess
+    import sys
+    args = [sys.executable, "-m", "edge.cli", "--field", *[str(FIELD)] * 30, "--target-cells", "100000",
+            "--out", str(tmp_path), "--output", str(tmp_path / "cells.csv")]
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in p.stderr:  # the first field's line: it is counted and saved
+        seen.append(line)
+        if "red cells, " in line:
+            p.send_signal(signal.SIGINT)
+            break
+    err = "".join(seen) + p.stderr.read()
+    assert p.wait(timeout=120) == 130
+    assert "interrupted: every finished field is saved" in err and "Traceback" not in err
+    s = json.loads((_session(tmp_path) / "session.json").read_text())
+    rows = list(csv.DictReader((tmp_path / "cells.csv").open()))
+    assert 1 <= s["fields_counted"] < 30 and s["rbc_count"] == sum(r["status"] == "ok" for r in rows)
+    assert "Parasitemia" in (_session(tmp_path) / "report.html").read_text()
+
+
 def test_single_cell_given_to_field_mode_says_so(cell_files, tmp_path):
     res = infer("--field", cell_files[0], "--out", tmp_path)
     assert res.returncode == 1
