@@ -185,6 +185,19 @@ def test_a_crowded_field_whose_filled_gaps_make_one_blob_is_measured_at_its_cell
     assert s.recall >= 0.6, s.as_dict()
 
 
+def test_a_field_too_crowded_to_split_is_rejected_with_a_reason_that_says_so():
+    """Cells overlapping by 10-30% that the detector merges into clumps: the field is left out, and the reason tells
+    the microscopist to count where the cells lie side by side."""
+    import csv
+    rows = [r for r in csv.DictReader(open(DEV_MANIFEST)) if r["patient"] == "101"]
+    pos, neg = load_crops(DEV_MANIFEST.parent, [r["relpath"] for r in rows],
+                          [int(r["label"] == "Parasitized") for r in rows], ["P101"] * len(rows))["P101"]
+    f = make_field(pos, neg, SynthParams(parasitemia=0.05, spacing=(0.7, 0.9), n_cells=400, seed=900))
+    reason, m = quality(f.rgb, detect(f.rgb), QualityParams())
+    assert reason.startswith("no plausible red cells") and m["overlapped"] > 0.9
+    assert "too crowded? count where the cells lie side by side" in reason
+
+
 def test_crops_are_cut_at_full_resolution_with_black_background(real_field, real_detection):
     cell = real_detection.accepted[len(real_detection.accepted) // 2]
     c = crop(real_field, cell)
