@@ -1,4 +1,5 @@
-"""Detection recall/precision on the 4 real photos and on synthetic fields of one split at 3 densities."""
+"""Detection recall/precision on the 4 real photos and on synthetic fields of one split at 3 densities, and the share
+of detections holding two or more cells (recall counts a cell merged with its neighbour as found)."""
 import sys, numpy as np, time
 from pathlib import Path
 from train.data import load_prepared
@@ -8,12 +9,12 @@ from edge import detect
 from edge.images import load_image
 
 def real(fn=detect.detect):
-    root = Path("../shared/data/nih_fields"); tot = np.zeros(4)
+    root = Path("../shared/data/nih_fields"); tot = np.zeros(5)
     for img in sorted(root.rglob("Img/*.jpg")):
         rgb = load_image(img)
         pts = read_point_set(img.parent.parent / "GT" / f"{img.stem}.txt", exif_orientation(img))
         det = fn(rgb); s = score(det.cells, pts, det.eyepiece, det.scale)
-        tot += [s.gt, s.found, s.detections, s.correct]
+        tot += [s.gt, s.found, s.detections, s.correct, s.merged]
     return tot
 
 _groups = {}
@@ -26,16 +27,16 @@ def synth(split, fn=detect.detect, dens=("normal", "crowded", "dense"), n_per=1)
     kws = {"normal": {}, "crowded": dict(spacing=(0.75, 0.95), n_cells=400), "dense": dict(spacing=(0.7, 0.9), n_cells=400)}
     var = [dict(), dict(blur=2.0), dict(scale=0.5), dict(eyepiece=True)]
     for name in dens:
-        tot = np.zeros(4); k = 0
+        tot = np.zeros(5); k = 0
         for g, (pos, neg) in sorted(_groups[split].items()):
             for j in range(n_per):
                 f = make_field(pos, neg, SynthParams(parasitemia=0.05, seed=900 + k, **var[k % 4], **kws[name])); k += 1
                 det = fn(f.rgb); s = score(det.cells, [GTPoint(t.x, t.y, t.label) for t in f.truth])
-                tot += [s.gt, s.found, s.detections, s.correct]
+                tot += [s.gt, s.found, s.detections, s.correct, s.merged]
         out[name] = tot
     return out
 
-def fmt(t): return f"recall {t[1]/t[0]:.4f} precision {t[3]/t[2]:.4f} (gt {int(t[0])})"
+def fmt(t): return f"recall {t[1]/t[0]:.4f} precision {t[3]/t[2]:.4f} merged {t[4]/t[2]:.4f} (gt {int(t[0])}, detections {int(t[2])})"
 
 if __name__ == "__main__":
     split = sys.argv[1] if len(sys.argv) > 1 else "val"
