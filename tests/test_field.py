@@ -768,6 +768,7 @@ def test_field_runs_never_overwrite_an_earlier_session(field_run, tmp_path):
 def test_a_write_the_disk_refuses_stops_the_session_in_one_line_and_keeps_what_was_written(tmp_path):
     """A full disk, as the OS reports it: every file over 200 kB is refused (RLIMIT_FSIZE makes the write fail with
     EFBIG where a full disk gives ENOSPC, through the same code). The overlay is the first file that large."""
+    import csv
     import resource
     limit = 200_000
 
@@ -776,7 +777,6 @@ def test_a_write_the_disk_refuses_stops_the_session_in_one_line_and_keeps_what_w
     res = infer("--field", FIELD, "--out", tmp_path, "--output", tmp_path / "cells.csv", preexec_fn=small_disk)
     assert res.returncode == 1
     assert "cannot write results: File too large" in res.stderr and "Traceback" not in res.stderr
-    import csv
     rows = list(csv.DictReader((tmp_path / "cells.csv").open()))
     s = json.loads((_session(tmp_path) / "session.json").read_text())
     assert s["fields_counted"] == 1 and s["rbc_count"] == sum(r["status"] == "ok" for r in rows) > 250
