@@ -40,6 +40,11 @@ class DetectParams:
     # field of patient 116 whose cells overlap by 10-30% measured 730 px per 132-px cell and counted nothing)
     preview_fill: float = 0.02
     preview_fill_crowded: float = 0.002
+    # where the larger fill measures over this × the smaller one, it filled the gaps between crowded cells, not
+    # pale centres (at 1.8-3× magnification the two agree), and the smaller one's size is taken: dense synthetic
+    # fields measured at up to twice their cell size merged their cells into clumps (one-to-one detections on
+    # the test patients' dense fields 0.40 -> 0.56; benchmarks/results/preview_fill/)
+    preview_fill_agree: float = 1.5
     min_diameter: float = 8.0  # below this many px per cell at full resolution nothing is found
     # a field holds at least this many cells across its shorter side: a larger "cell" is one object (a cell
     # crop, an inverted photo's eyepiece disc, a thin strip of noise), and measuring the scale on it is slow
@@ -434,10 +439,13 @@ def _preview_diameter(rgb: np.ndarray, side: float, p: DetectParams) -> tuple[fl
         return v * p.min_cells_across > min(pv.shape[:2])
     for _ in range(3):
         fg, *_ = _foreground(pv, inside, guess)
-        d = estimate_diameter(_fill_holes(fg, max_area=p.preview_fill * fg.size))
-        if d and no_field(d):  # crowded (the gaps between cells filled too), or no field at all
-            small = estimate_diameter(_fill_holes(fg, max_area=p.preview_fill_crowded * fg.size))
-            if small and not no_field(small):
+        filled, large = _fill_holes(fg, max_area=p.preview_fill * fg.size, holes_over=p.preview_fill_crowded * fg.size)
+        d = estimate_diameter(filled)
+        if d and large:  # measured again as the smaller fill leaves it: the gaps between crowded cells open
+            for y0, x0, hole in large:
+                filled[y0:y0 + hole.shape[0], x0:x0 + hole.shape[1]] &= ~hole
+            small = estimate_diameter(filled)
+            if small and not no_field(small) and (no_field(d) or d > p.preview_fill_agree * small):
                 d = small
         if not d or d <= p.preview_regrow * guess or no_field(d):
             break

@@ -174,25 +174,35 @@ def test_a_clump_split_again_gives_the_boxes_centroids_and_areas_of_its_parts():
 def test_a_crowded_field_whose_filled_gaps_make_one_blob_is_measured_at_its_cells_size():
     """Cells overlapping by 10-30%: with every gap between them filled as a pale centre, the field measured as
     one 730-px "cell" and nothing was counted."""
-    import csv
-    rows = [r for r in csv.DictReader(open(DEV_MANIFEST)) if r["patient"] == "116"]
-    pos, neg = load_crops(DEV_MANIFEST.parent, [r["relpath"] for r in rows],
-                          [int(r["label"] == "Parasitized") for r in rows], ["P116"] * len(rows))["P116"]
-    f = make_field(pos, neg, SynthParams(parasitemia=0.05, spacing=(0.7, 0.9), n_cells=400, seed=902))
+    f = _dense_field("116", 902)
     det = detect(f.rgb)
     assert det.diameter_px == pytest.approx(2 * np.median([t.r for t in f.truth]), rel=0.15)
     s = score(det.cells, [GTPoint(t.x, t.y, t.label) for t in f.truth])
     assert s.recall >= 0.6, s.as_dict()
 
 
-def test_a_field_too_crowded_to_split_is_rejected_with_a_reason_that_says_so():
-    """Cells overlapping by 10-30% that the detector merges into clumps: the field is left out, and the reason tells
-    the microscopist to count where the cells lie side by side."""
+def _dense_field(patient: str, seed: int):
+    """Cells overlapping by 10-30% of their width: thicker than the monolayer a microscopist reads."""
     import csv
-    rows = [r for r in csv.DictReader(open(DEV_MANIFEST)) if r["patient"] == "101"]
+    rows = [r for r in csv.DictReader(open(DEV_MANIFEST)) if r["patient"] == patient]
     pos, neg = load_crops(DEV_MANIFEST.parent, [r["relpath"] for r in rows],
-                          [int(r["label"] == "Parasitized") for r in rows], ["P101"] * len(rows))["P101"]
-    f = make_field(pos, neg, SynthParams(parasitemia=0.05, spacing=(0.7, 0.9), n_cells=400, seed=900))
+                          [int(r["label"] == "Parasitized") for r in rows], ["g"] * len(rows))["g"]
+    return make_field(pos, neg, SynthParams(parasitemia=0.05, spacing=(0.7, 0.9), n_cells=400, seed=seed))
+
+
+def test_a_dense_field_whose_larger_hole_fill_doubles_its_cells_is_measured_at_their_size():
+    """The 2% fill filled the gaps between the cells: 285 px per 126-px cell, every detection a clump of cells, and
+    the field left out. The 0.2% fill measures the cells."""
+    f = _dense_field("101", 900)
+    det = detect(f.rgb)
+    assert det.diameter_px == pytest.approx(2 * np.median([t.r for t in f.red_cells]), rel=0.15)
+    assert quality(f.rgb, det, QualityParams())[0] == ""
+
+
+def test_a_field_too_crowded_to_split_is_rejected_with_a_reason_that_says_so():
+    """The detector merges the cells into clumps: the field is left out, and the reason tells the microscopist to
+    count where the cells lie side by side."""
+    f = _dense_field("47", 908)
     reason, m = quality(f.rgb, detect(f.rgb), QualityParams())
     assert reason.startswith("no plausible red cells") and m["overlapped"] > 0.9
     assert "too crowded? count where the cells lie side by side" in reason
