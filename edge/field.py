@@ -42,7 +42,7 @@ class QualityParams:
     overlap_share: float = 0.05  # reported, not gated: a cell leaving more of its mask than this to neighbours
     # a field rejected for its regions' count, shapes or sizes, with over this share of them overlapped (as above),
     # is likely a thick part of the smear, where touching cells merge into clumps, and the reason says so: synthetic
-    # fields whose cells overlap by 10-30% were rejected with 0.96-1.00 (validation and test patients), the real
+    # fields whose cells overlap by 10-30% were rejected with 0.94-0.99 (validation and test patients), the real
     # photos have 0.60, fields of cells that touch 0.73-0.97
     crowded: float = 0.9
     min_coverage: float = 0.05  # red-cell area / field area
