@@ -39,14 +39,21 @@ def real_detection(real_field):
     return detect(real_field)
 
 
+def _patient_crops(patient: str, parasitized: int | None = None, uninfected: int | None = None):
+    """One patient's real dev-set crops (the first of each class, or all), as (infected, uninfected): a field is
+    one patient's slide."""
+    import csv
+    rows = [r for r in csv.DictReader(open(DEV_MANIFEST)) if r["patient"] == patient]
+    rows = ([r for r in rows if r["label"] == "Parasitized"][:parasitized] +
+            [r for r in rows if r["label"] == "Uninfected"][:uninfected])
+    return load_crops(DEV_MANIFEST.parent, [r["relpath"] for r in rows],
+                      [int(r["label"] == "Parasitized") for r in rows], [patient] * len(rows))[patient]
+
+
 @pytest.fixture(scope="module")
 def crops_by_group():
-    """60 real crops of one patient (P20, both classes) from the dev set: a field is one patient's slide."""
-    import csv
-    rows = [r for r in csv.DictReader(open(DEV_MANIFEST)) if r["patient"] == "20"]
-    rows = [r for r in rows if r["label"] == "Parasitized"][:30] + [r for r in rows if r["label"] == "Uninfected"][:30]
-    return load_crops(DEV_MANIFEST.parent, [r["relpath"] for r in rows],
-                      [int(r["label"] == "Parasitized") for r in rows], ["P20"] * len(rows))["P20"]
+    """60 real crops of one patient (P20, both classes) from the dev set."""
+    return _patient_crops("20", 30, 30)
 
 
 def test_real_field_is_read_as_displayed_and_gt_rotated_with_it(real_field):
@@ -183,10 +190,7 @@ def test_a_crowded_field_whose_filled_gaps_make_one_blob_is_measured_at_its_cell
 
 def _dense_field(patient: str, seed: int):
     """Cells overlapping by 10-30% of their width: thicker than the monolayer a microscopist reads."""
-    import csv
-    rows = [r for r in csv.DictReader(open(DEV_MANIFEST)) if r["patient"] == patient]
-    pos, neg = load_crops(DEV_MANIFEST.parent, [r["relpath"] for r in rows],
-                          [int(r["label"] == "Parasitized") for r in rows], ["g"] * len(rows))["g"]
+    pos, neg = _patient_crops(patient)
     return make_field(pos, neg, SynthParams(parasitemia=0.05, spacing=(0.7, 0.9), n_cells=400, seed=seed))
 
 
@@ -614,11 +618,7 @@ def test_a_thin_strip_of_noise_is_not_a_field(shape):
 def test_a_field_of_ragged_real_cells_passes_the_gate():
     # patient 47's crops have ragged outlines: its synthetic fields' median roundness is 0.57-0.65, and the
     # gate at 0.6 left some of them out
-    import csv
-    rows = [r for r in csv.DictReader(open(DEV_MANIFEST)) if r["patient"] == "47"]
-    rows = [r for r in rows if r["label"] == "Parasitized"][:30] + [r for r in rows if r["label"] == "Uninfected"][:60]
-    pos, neg = load_crops(DEV_MANIFEST.parent, [r["relpath"] for r in rows],
-                          [int(r["label"] == "Parasitized") for r in rows], ["P47"] * len(rows))["P47"]
+    pos, neg = _patient_crops("47", 30, 60)
     f = make_field(pos, neg, SynthParams(parasitemia=0.02, seed=3))
     reason, m = quality(f.rgb, detect(f.rgb), QualityParams())
     assert m["roundness"] < 0.6 and reason == ""
