@@ -302,6 +302,44 @@ def single_patient_sessions(pools: dict[float, dict], opts: FieldOptions, sessio
     return rows
 
 
+def field_sessions(pools: dict[float, dict], opts: FieldOptions, sessions: int = 200, n_cells: int = 2000,
+                   seed: int = 0) -> list[dict]:
+    """Sessions of whole fields: a level's counted fields drawn (with replacement) until `n_cells` red cells,
+    their totals corrected as field mode corrects a session, scored against those fields' own truth. The
+    cell-level sessions keep only detections that hold exactly one annotated cell; these count every
+    detection, as field mode does, so the fragments, platelets and merged clumps they leave out show here."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for pi, pool in pools.items():
+        per = pool.get("per_field")
+        if per is None or not len(per):
+            continue
+        err, raw_err, cover, width, fields = [], [], [], [], []
+        for _ in range(sessions):
+            total, n = np.zeros(4, int), 0
+            while total[0] < n_cells:
+                total += per[rng.integers(len(per))]
+                n += 1
+            rbc, positive, red, infected = (int(v) for v in total)
+            e = estimate(positive, rbc, opts.counts, draws=4000, seed=int(rng.integers(1 << 31)),
+                         by_patient=opts.by_patient, spread=opts.spread, recut=opts.recut)
+            truth = 100 * infected / red
+            lo, hi = e.parasitemia_ci95
+            err.append(e.parasitemia_percent - truth)
+            raw_err.append(e.raw_percent - truth)
+            cover.append(lo <= truth <= hi)
+            width.append(hi - lo)
+            fields.append(n)
+        rows.append({"parasitemia_percent": 100 * pi, "sessions": sessions, "cells": n_cells,
+                     "fields_in_pool": int(len(per)), "fields_per_session": float(np.mean(fields)),
+                     "true_percent": float(100 * per[:, 3].sum() / per[:, 2].sum()),
+                     "counted_per_true_red": float(per[:, 0].sum() / per[:, 2].sum()),
+                     "bias_pp": float(np.mean(err)), "mae_pp": float(np.mean(np.abs(err))),
+                     "coverage_ci95": float(np.mean(cover)), "mean_ci95_width_pp": float(np.mean(width)),
+                     "raw_bias_pp": float(np.mean(raw_err))})
+    return rows
+
+
 def bias_over_patients(pool: dict, pi: float, opts: FieldOptions, n_cells: int = 2000, boots: int = 1000,
                        seed: int = 0) -> tuple[float, float]:
     """95% interval of the corrected bias (points) when the pool's patients are drawn again (a cluster
@@ -547,6 +585,7 @@ def run(model_path: Path, data_dir: Path, crops_root: Path, fields_root: Path, o
                             fields_per_group=fields_per_group, log=log) for pi in levels}
     res["sessions"] = simulate_sessions(pools, opts, sessions=sessions)
     res["single_patient_sessions"] = single_patient_sessions(pools, opts)
+    res["field_sessions"] = field_sessions(pools, opts, sessions=sessions)
     res["pools_by_contact"] = by_contact(pools, point.threshold)
     res["pool_by_patient"] = {"parasitemia_percent": 100 * max(levels),
                               "rows": pool_by_patient(pools[max(levels)], point.threshold)}
@@ -641,6 +680,18 @@ def markdown(r: dict) -> str:
                      f"{q['cells']} | {q['infected']} | {q['counted_infected']:.3f} / {q['counted_uninfected']:.3f} | "
                      f"{_fmt(q['sensitivity'], 3)} | {_fmt(q['specificity'], 4)} | "
                      f"{_fmt(c['sensitivity'], 3)} / {_fmt(c['specificity'], 4)} |")
+    if r.get("field_sessions"):
+        lines += ["", "Sessions of whole fields, as field mode counts them: each level's counted fields drawn (with "
+                  "replacement) until 2,000 red cells, every detection counted (the cell-level sessions above keep only "
+                  "detections that hold exactly one annotated cell, and leave out fragments, platelets and merged "
+                  "clumps), scored against those fields' own truth:", "",
+                  "| pool at | fields in the pool (true parasitemia) | counted per true red cell | fields per session | bias (pp) | MAE (pp) | 95% CI coverage | mean CI width (pp) | raw bias (pp) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for x in r["field_sessions"]:
+            lines.append(f"| {x['parasitemia_percent']:.1f}% | {x['fields_in_pool']} ({x['true_percent']:.2f}%) | "
+                         f"{x['counted_per_true_red']:.3f} | {x['fields_per_session']:.1f} | {x['bias_pp']:+.3f} | "
+                         f"{x['mae_pp']:.3f} | {x['coverage_ci95']:.1%} | {x['mean_ci95_width_pp']:.2f} | "
+                         f"{x['raw_bias_pp']:+.3f} |")
     if r.get("single_patient_sessions"):
         lines += ["", "Sessions of one patient each (all 2,000 cells from one patient group's found cells, "
                   "50 per group with at least 10 infected cells in the pool): does the interval cover a patient whose "

@@ -893,6 +893,10 @@ def test_the_field_pool_keeps_each_found_cells_true_label_and_probability(export
     # each found cell's own NIH crop, read by the same model: one probability per cell
     assert len(pool["crop_probs"]) == len(pool["labels"]) and np.all((pool["crop_probs"] >= 0) & (pool["crop_probs"] <= 1))
     assert set(pool["groups"]) <= set(pool["infected_crops"]) and min(pool["infected_crops"].values()) >= 1
+    # each counted field's totals as field mode gave them: every detection counted, not only the found cells
+    per = pool["per_field"]
+    assert per.shape == (pool["fields"], 4) and per[:, 0].sum() >= len(pool["labels"])
+    assert np.all(per[:, 1] <= per[:, 0]) and np.all(per[:, 3] <= per[:, 2]) and per[:, 3].sum() >= 1
 
 
 def test_sessions_count_infected_cells_in_the_share_the_detector_finds_them():
@@ -918,6 +922,22 @@ def test_sessions_read_from_the_cells_own_crops_tell_the_re_cuts_bias_apart():
     row = simulate_sessions({0.1: pool}, FieldOptions(0.5, perfect), sessions=50)[0]
     assert row["crops_bias_pp"] == pytest.approx(0, abs=0.3) and row["bias_pp"] == pytest.approx(-5, abs=0.3)
     assert row["pool"]["crops"]["sensitivity"] == 1.0 and row["pool"]["sensitivity"] == 0.5
+
+
+def test_sessions_of_whole_fields_count_every_detection_against_the_fields_own_truth():
+    from benchmarks.fields import field_sessions
+    from edge.field import FieldOptions
+    perfect = {"tp": 1000, "fn": 0, "tn": 1000, "fp": 0}
+    # fields of 200 red cells, 10 infected, each read right: no bias, whatever the level's nominal parasitemia
+    exact = {"per_field": np.array([[200, 10, 200, 10]] * 5)}
+    row = field_sessions({0.02: exact}, FieldOptions(0.5, perfect), sessions=20)[0]
+    assert row["bias_pp"] == pytest.approx(0, abs=0.01) and row["true_percent"] == pytest.approx(5)
+    assert row["fields_per_session"] == 10 and row["coverage_ci95"] == 1.0
+    # 20 fragments a field counted as red cells (none called): 10 / 220 read, 10 / 200 true
+    extra = {"per_field": np.array([[220, 10, 200, 10]] * 5)}
+    row = field_sessions({0.05: extra}, FieldOptions(0.5, perfect), sessions=20)[0]
+    assert row["raw_bias_pp"] == pytest.approx(100 * (10 / 220 - 10 / 200), abs=0.01)
+    assert row["counted_per_true_red"] == pytest.approx(1.1) and row["fields_per_session"] == 10
 
 
 def test_a_pool_by_patient_gives_each_groups_infected_crops_and_both_sensitivities():

@@ -54,10 +54,12 @@ def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, spli
     found cell of synthetic fields from one split's infected patients, made under the imaging conditions in
     turn, with detection recall and precision and the share of each class's cells counted. Each found cell's
     own NIH crop is classified by the same rule too (`crop_probs`): what the cell would read without field
-    mode's re-cut, so that a bias can be told apart into the crops' and the re-cut's."""
+    mode's re-cut, so that a bias can be told apart into the crops' and the re-cut's. `per_field` keeps each
+    counted field's totals as field mode gave them, for sessions of whole fields (`benchmarks.fields`)."""
     labels, probs, crop_probs, shared, groups, n_gt, n_found, n_det, n_correct, k = [], [], [], [], [], 0, 0, 0, 0, 0
     gt_infected = gt_uninfected = 0
     infected_crops = {}
+    per_field = []  # (red cells counted, called Parasitized, true red cells, true infected) of each field counted
     for g, (pos, neg) in sorted(patient_crops(data_dir, crops_root, split).items()):
         source = dict(pos + neg)
         infected_crops[g] = len(pos)
@@ -71,6 +73,8 @@ def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, spli
             n_gt, n_found, n_det, n_correct = n_gt + s.gt, n_found + s.found, n_det + s.detections, n_correct + s.correct
             inf = sum(t.label == "Parasitized" for t in f.red_cells)
             gt_infected, gt_uninfected = gt_infected + inf, gt_uninfected + len(f.red_cells) - inf
+            if res.status == "ok":
+                per_field.append((res.rbc, res.positive, len(f.red_cells), inf))
             found = found_cells(res, f.red_cells)
             for t, cell, call in found:
                 labels.append(int(t.label == "Parasitized"))
@@ -88,7 +92,10 @@ def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, spli
             "counted_infected": int(y.sum()) / max(gt_infected, 1),
             "counted_uninfected": int(len(y) - y.sum()) / max(gt_uninfected, 1),
             "shared": np.array(shared, float), "groups": np.array(groups), "crop_probs": np.array(crop_probs, float),
-            "infected_crops": infected_crops}  # patient group -> its infected crops the fields draw from
+            "infected_crops": infected_crops,  # patient group -> its infected crops the fields draw from
+            # whole fields as field mode counts them, with what the cell-level pool leaves out: detections that hold
+            # no annotated cell (a fragment, a platelet) or several (a merged clump)
+            "per_field": np.array(per_field, int).reshape(-1, 4)}
 
 
 def recut_counts(pools: list[dict], threshold: float) -> dict:
