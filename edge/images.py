@@ -63,7 +63,8 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_PIXELS)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageError(f"{name}: {w}x{h} pixels is too large (limit {max_pixels:,}); refusing to decode")
+                raise ImageError(f"{name}: {w}x{h} pixels is too large (limit {max_pixels:,}); refusing to decode: "
+                                 "save it smaller (field mode needs cells only 50 px or more across)")
             if w < 1 or h < 1:
                 raise ImageError(f"{name}: image has no pixels")
             img.load()

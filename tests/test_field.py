@@ -833,6 +833,7 @@ def test_huge_image_is_a_clear_error(tmp_path):
     cv2.imwrite(str(big), np.zeros((8000, 7000), np.uint8))
     res = infer("--field", big, "--out", tmp_path)
     assert res.returncode == 1 and "too large" in res.stderr and "Traceback" not in res.stderr
+    assert "save it smaller" in res.stderr  # and what to do about it
 
 
 def test_a_session_of_only_unreadable_fields_fails_and_reports_no_rates(tmp_path):
