@@ -321,14 +321,11 @@ def field_sessions(pools: dict[float, dict], opts: FieldOptions, sessions: int =
                 total += per[rng.integers(len(per))]
                 n += 1
             rbc, positive, red, infected = (int(v) for v in total)
-            e = estimate(positive, rbc, opts.counts, draws=4000, seed=int(rng.integers(1 << 31)),
-                         by_patient=opts.by_patient, spread=opts.spread, recut=opts.recut)
-            truth = 100 * infected / red
-            lo, hi = e.parasitemia_ci95
-            err.append(e.parasitemia_percent - truth)
-            raw_err.append(e.raw_percent - truth)
-            cover.append(lo <= truth <= hi)
-            width.append(hi - lo)
+            e, r, c, w = _scored(positive, rbc, infected / red, opts, int(rng.integers(1 << 31)))
+            err.append(e)
+            raw_err.append(r)
+            cover.append(c)
+            width.append(w)
             fields.append(n)
         rows.append({"parasitemia_percent": 100 * pi, "sessions": sessions, "cells": n_cells,
                      "fields_in_pool": int(len(per)), "fields_per_session": float(np.mean(fields)),
