@@ -42,8 +42,11 @@ class QualityParams:
     overlap_share: float = 0.05  # reported, not gated: a cell leaving more of its mask than this to neighbours
     # a field rejected for its regions' count, shapes or sizes, with over this share of them overlapped (as above),
     # is likely a thick part of the smear, where touching cells merge into clumps, and the reason says so: synthetic
-    # fields whose cells overlap by 10-30% were rejected with 0.94-0.99 (validation and test patients), the real
-    # photos have 0.60, fields of cells that touch 0.73-0.97
+    # fields whose cells overlap by 10-30% were rejected with 0.94-0.99 (validation and test patients) until the
+    # seeds were found with the gaps between cells open (edge/detect.py); now 51 of 51 such fields (17 patients, 3
+    # seeds) pass the gate, and fields overlapping by 30-50% (3 patients, 6 seeds each) are all rejected, 7 of 18
+    # with over 0.9 of their regions touching (0.80-0.93). The real photos have 0.60, fields of cells that touch
+    # 0.73-0.97
     crowded: float = 0.9
     min_coverage: float = 0.05  # red-cell area / field area
     max_coverage: float = 0.95
