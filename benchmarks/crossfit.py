@@ -27,7 +27,7 @@ from edge.runtime import load_classifier
 from train.fieldpool import field_pool, field_spread
 
 LEVELS = (0.005, 0.02, 0.05)
-POOL_KEYS = ("labels", "probs", "crop_probs", "groups", "shared")
+POOL_KEYS = ("labels", "probs", "crop_probs", "groups", "shared", "per_field")
 
 
 def fold_pools(model_path: Path, data_dir: Path, crops_root: Path, point: str = "counting", fields_per_group: int = 3,
