@@ -766,4 +766,6 @@ def markdown(r: dict) -> str:
         lines += ["", "## Peak memory (`edge-infer --field`, one photo, report and Grad-CAM included; target ≤ 400 MB)", "",
                   "| image | pixels | peak RSS MB | wall s (with start-up) |", "|---|---|---:|---:|"]
         lines += [f"| {x['image']} | {x['pixels']} | {x['peak_rss_mb']:.0f} | {x['wall_s']:.1f} |" for x in r["memory"]]
+        if r.get("memory_note"):  # a table measured again on its own, and why
+            lines += ["", f"({r['memory_note']}.)"]
     return "\n".join(lines) + "\n"
