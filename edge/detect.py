@@ -317,8 +317,10 @@ def _fill_holes(mask: np.ndarray, max_area: float | None, holes_over: float | No
     inv = (~mask).astype(np.uint8)
     n, lab, stats, _ = cv2.connectedComponentsWithStats(inv, connectivity=4)
     del inv
-    if n <= 1:
-        return mask if holes_over is None else (mask, []) if gaps is None else (mask, [], None)
+    if n <= 1:  # no holes: the same shapes of answer as below
+        if holes_over is None:
+            return mask
+        return (mask, []) if gaps is None else (mask, [], None)
     h, w = mask.shape
     x, y, bw, bh, area = (stats[:, i] for i in range(5))
     touches = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)

@@ -36,6 +36,17 @@ def patient_crops(data_dir: Path, crops_root: Path, split: str) -> dict[str, tup
     return {g: (pos, neg) for g, (pos, neg) in groups.items() if pos and neg}
 
 
+def pool_fields(groups: dict[str, tuple[list, list]], parasitemia: float, fields_per_group: int, seed: int):
+    """(patient group, its field number, the field) for the pools' synthetic fields: fields_per_group per group at
+    `parasitemia`, seeds seed, seed + 1, ... and the imaging conditions in turn."""
+    k = 0
+    for g, (pos, neg) in sorted(groups.items()):
+        for j in range(fields_per_group):
+            yield g, j, make_field(pos, neg, SynthParams(parasitemia=parasitemia, seed=seed + k,
+                                                         **VARIANTS[k % len(VARIANTS)]))
+            k += 1
+
+
 def found_cells(res: FieldResult, truth: list) -> list[tuple]:
     """(truth cell, its detection, its call) for each truth cell inside exactly one classified detection."""
     ok = [(c, call) for c, call in zip(res.detection.cells, res.cells) if call.prob_parasitized is not None]
@@ -58,30 +69,27 @@ def field_pool(data_dir: Path, crops_root: Path, model, opts: FieldOptions, spli
     counted field's totals as field mode gave them, for sessions of whole fields (`benchmarks.fields`)."""
     labels, probs, crop_probs, shared, groups, n_gt, n_found, n_det, n_correct, k = [], [], [], [], [], 0, 0, 0, 0, 0
     gt_infected = gt_uninfected = 0
-    infected_crops = {}
     per_field = []  # (red cells counted, called Parasitized, true red cells, true infected) of each field counted
-    for g, (pos, neg) in sorted(patient_crops(data_dir, crops_root, split).items()):
-        source = dict(pos + neg)
-        infected_crops[g] = len(pos)
-        for j in range(fields_per_group):
-            v = k % len(VARIANTS)
-            f = make_field(pos, neg, SynthParams(parasitemia=parasitemia, seed=seed + k, **VARIANTS[v]))
-            k += 1
-            res = analyze(f.rgb, f"synthetic {g} #{j}", model, opts)
-            det = res.detection
-            s = score(det.cells, [GTPoint(t.x, t.y, t.label) for t in f.truth])
-            n_gt, n_found, n_det, n_correct = n_gt + s.gt, n_found + s.found, n_det + s.detections, n_correct + s.correct
-            inf = sum(t.label == "Parasitized" for t in f.red_cells)
-            gt_infected, gt_uninfected = gt_infected + inf, gt_uninfected + len(f.red_cells) - inf
-            if res.status == "ok":
-                per_field.append((res.rbc, res.positive, len(f.red_cells), inf))
-            found = found_cells(res, f.red_cells)
-            for t, cell, call in found:
-                labels.append(int(t.label == "Parasitized"))
-                probs.append(call.prob_parasitized)
-                shared.append(cell.shared)
-                groups.append(g)
-            crop_probs.extend(classify_crops([t.own_crop(source) for t, _, _ in found], model, opts.batch, opts.screen))
+    patients = patient_crops(data_dir, crops_root, split)
+    infected_crops = {g: len(pos) for g, (pos, _) in sorted(patients.items())}
+    sources = {g: dict(pos + neg) for g, (pos, neg) in patients.items()}
+    for g, j, f in pool_fields(patients, parasitemia, fields_per_group, seed):
+        k += 1
+        res = analyze(f.rgb, f"synthetic {g} #{j}", model, opts)
+        det = res.detection
+        s = score(det.cells, [GTPoint(t.x, t.y, t.label) for t in f.truth])
+        n_gt, n_found, n_det, n_correct = n_gt + s.gt, n_found + s.found, n_det + s.detections, n_correct + s.correct
+        inf = sum(t.label == "Parasitized" for t in f.red_cells)
+        gt_infected, gt_uninfected = gt_infected + inf, gt_uninfected + len(f.red_cells) - inf
+        if res.status == "ok":
+            per_field.append((res.rbc, res.positive, len(f.red_cells), inf))
+        found = found_cells(res, f.red_cells)
+        for t, cell, call in found:
+            labels.append(int(t.label == "Parasitized"))
+            probs.append(call.prob_parasitized)
+            shared.append(cell.shared)
+            groups.append(g)
+        crop_probs.extend(classify_crops([t.own_crop(sources[g]) for t, _, _ in found], model, opts.batch, opts.screen))
     y = np.array(labels)
     log(f"  {split} field pool: {k} fields, detection recall {n_found / max(n_gt, 1):.4f}, "
         f"{len(y)} cells ({int(y.sum())} infected)")
